@@ -1,0 +1,32 @@
+"""Shared test set-up: offline everything, tiny artefacts made locally."""
+
+from __future__ import annotations
+
+import os
+
+# Nothing downloads in tests: no model hub, no W&B server.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+TINY_CORPUS = [
+    "a red circle.",
+    "two blue squares left of a green triangle!",
+    "the small yellow star is above the big purple circle.",
+    "question: what colour is the circle? answer: red",
+    "output: one green square and three red triangles.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """A word-level tokenizer folder with <image> and <|endofchunk|>, trained on a few sentences."""
+    from flamingo_lab.data.tokenizer import train_word_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_word_tokenizer(TINY_CORPUS, out)
+    return out
