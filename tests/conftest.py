@@ -30,3 +30,18 @@ def tiny_tokenizer_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer")
     train_word_tokenizer(TINY_CORPUS, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_world_dir(tmp_path_factory):
+    """The tiny embedded world (conf/world/tiny.yaml), written once per session; returns its folder.
+
+    Read it with ``flamingo_lab.data.shards.load_world(path)`` (shards per split and source) and
+    ``load_world_tokenizer(path)``.
+    """
+    from flamingo_lab.data.world import write_world
+    from flamingo_lab.make_data import compose_world
+
+    out = tmp_path_factory.mktemp("tiny_world")
+    write_world(compose_world("tiny"), out, progress=False)
+    return out

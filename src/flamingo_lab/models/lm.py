@@ -1,0 +1,170 @@
+"""The language model side: any Hugging Face causal LM, its tokenizer, and where xattn goes in.
+
+Nothing here changes the LM's own modules or state-dict keys: cross-attention blocks enter
+through forward pre-hooks on the decoder layers, and the trainable rows of the special tokens
+through forward hooks on the input and output embeddings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from flamingo_lab.data.tokenizer import EOC_TOKEN, MEDIA_TOKEN
+
+from .config import LMConfig, check_every
+
+SPECIAL_TOKENS = [MEDIA_TOKEN, EOC_TOKEN]
+
+
+# ---------------------------------------------------------------- tokenizer and model
+
+
+def load_tokenizer(cfg: LMConfig):
+    """The LM's Hugging Face tokenizer, with ``<image>`` and ``<|endofchunk|>`` ensured."""
+    from transformers import AutoTokenizer
+
+    path = cfg.tokenizer_path
+    if path is None:
+        raise ValueError("set lm.tokenizer (or lm.path) to a local tokenizer folder; "
+                         "the LM's vocabulary and Flamingo's special tokens come from it")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        tok.add_tokens(missing, special_tokens=True)
+    if tok.pad_token is None:  # batching needs one; Flamingo's <|endofchunk|> is never padding
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else EOC_TOKEN
+    return tok
+
+
+def build_lm(cfg: LMConfig, tokenizer) -> nn.Module:
+    """A local pretrained LM (``cfg.path``) or a fresh one from ``cfg.arch``, sized to the tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.path is not None:
+        lm = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True, dtype=torch.float32)
+    else:
+        arch = dict(cfg.arch)
+        model_type = arch.pop("model_type")
+        vocab = arch.setdefault("vocab_size", len(tokenizer))
+        if vocab < len(tokenizer):
+            raise ValueError(f"lm.arch.vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)} "
+                             "tokens); drop vocab_size from lm.arch to take it from the tokenizer")
+        for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            arch.setdefault(k, getattr(tokenizer, k, None))
+        lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **arch))
+    if lm.get_input_embeddings().num_embeddings < len(tokenizer):
+        lm.resize_token_embeddings(len(tokenizer))  # special tokens were added to the tokenizer
+    return lm
+
+
+# ---------------------------------------------------------------- decoder layers
+
+
+def find_decoder_layers(lm: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder-layer list of any HF causal LM: the longest ModuleList of one block class.
+
+    (LlamaForCausalLM: ``model.layers``; GPT2LMHeadModel: ``transformer.h``; OPT: ``model.decoder.layers``.)
+    """
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in lm.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1:
+            if best is None or len(mod) > len(best[1]):
+                best = (name, mod)
+    if best is None:
+        raise ValueError(f"found no list of decoder layers in {type(lm).__name__}")
+    return best
+
+
+def xattn_layer_indices(n_layers: int, every: Any) -> list[int]:
+    """LM layers that get a cross-attention block before them.
+
+    ``n`` -> 0, n, 2n, ... ("every n-th layer starting at the first"); ``'middle'`` -> [n_layers // 2];
+    a list -> itself, checked against ``n_layers``.
+    """
+    check_every(every)
+    if isinstance(every, str):
+        return [n_layers // 2]
+    if isinstance(every, int):
+        return list(range(0, n_layers, every))
+    bad = [i for i in every if i >= n_layers]
+    if bad:
+        raise ValueError(f"xattn.every lists layers {bad} but the LM has {n_layers} layers (0..{n_layers - 1})")
+    return sorted(every)
+
+
+class XAttnHook:
+    """Forward pre-hook on an LM layer: hidden_states <- block(hidden_states, media, text_to_media).
+
+    A plain object (not a closure) so that ``copy.deepcopy`` and pickling of the model keep working.
+    With no media set it does nothing, so the LM alone is the bare LM.
+    """
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+        self.media: torch.Tensor | None = None
+        self.text_to_media: torch.Tensor | None = None
+
+    def __call__(self, module, args, kwargs):
+        if self.media is None:
+            return None
+        if args:
+            args = (self.block_forward(args[0]), *args[1:])
+        elif "hidden_states" in kwargs:
+            kwargs = {**kwargs, "hidden_states": self.block_forward(kwargs["hidden_states"])}
+        else:
+            raise RuntimeError(f"{type(module).__name__} was called without hidden_states")
+        return args, kwargs
+
+    def block_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[:2] != self.text_to_media.shape:
+            raise ValueError(f"text_to_media {tuple(self.text_to_media.shape)} does not match the hidden "
+                             f"states {tuple(hidden.shape)} (cached decoding is not supported yet)")
+        return self.block(hidden, self.media, self.text_to_media)
+
+
+# ---------------------------------------------------------------- special-token rows
+
+
+class SpecialTokenDeltas(nn.Module):
+    """Trainable rows for ``<image>`` and ``<|endofchunk|>`` on top of a frozen embedding table.
+
+    ``delta_in`` is added to the input embedding of those ids and ``delta_out`` to the output
+    embedding rows (so to their logits). Both start at zero: the LM's output is unchanged, and its
+    own tables stay bit-identical and get no gradient.
+    """
+
+    def __init__(self, token_ids: list[int], dim_in: int, dim_out: int):
+        super().__init__()
+        self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long), persistent=False)
+        self.delta_in = nn.Parameter(torch.zeros(len(token_ids), dim_in))  # (n_special, D_emb)
+        self.delta_out = nn.Parameter(torch.zeros(len(token_ids), dim_out))  # (n_special, D_head)
+
+    def attach(self, lm: nn.Module) -> list:
+        handles = [lm.get_input_embeddings().register_forward_hook(InputEmbeddingHook(self))]
+        out = lm.get_output_embeddings()
+        if out is not None:
+            handles.append(out.register_forward_hook(OutputEmbeddingHook(self)))
+        return handles
+
+
+class InputEmbeddingHook:
+    def __init__(self, deltas: SpecialTokenDeltas):
+        self.deltas = deltas
+
+    def __call__(self, module, args, output):
+        ids = args[0]  # (B, L)
+        hit = (ids.unsqueeze(-1) == self.deltas.token_ids).to(output.dtype)  # (B, L, n_special)
+        return output + hit @ self.deltas.delta_in.to(output.dtype)  # (B, L, D_emb)
+
+
+class OutputEmbeddingHook:
+    def __init__(self, deltas: SpecialTokenDeltas):
+        self.deltas = deltas
+
+    def __call__(self, module, args, output):
+        hidden = args[0]  # (B, L, D_head)
+        extra = hidden @ self.deltas.delta_out.to(hidden.dtype).T  # (B, L, n_special)
+        return output.index_add(-1, self.deltas.token_ids, extra.to(output.dtype))  # (B, L, V)

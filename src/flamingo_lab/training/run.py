@@ -1,0 +1,119 @@
+"""One training run from a composed config: build, fit, validate, write results.json.
+
+The Hydra entry point (`flamingo_lab.train`) only composes and calls :func:`train`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from flamingo_lab.config import ablation_choices
+from flamingo_lab.training.callbacks import GateLogger, LossHistory, StepTimer
+from flamingo_lab.training.datamodule import FlamingoDataModule
+from flamingo_lab.training.module import FlamingoModule
+
+log = logging.getLogger(__name__)
+
+
+def make_logger(cfg: DictConfig, run_dir: Path):
+    """W&B (offline unless ``logger.mode=online``), tagged with the ablation choices; or no logger."""
+    name = cfg.logger.name
+    if name == "none":
+        return False
+    if name != "wandb":
+        raise ValueError(f"logger={name!r} is unknown; valid: wandb, none")
+    from lightning.pytorch.loggers import WandbLogger
+
+    choices = ablation_choices(cfg)
+    return WandbLogger(
+        project=cfg.logger.project,
+        name=cfg.run_name,
+        group=cfg.logger.group,
+        tags=[f"{k}={v}" for k, v in choices.items()] + list(cfg.logger.tags),
+        save_dir=str(run_dir),
+        mode=cfg.logger.mode,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def _resume_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
+    if cfg.resume in (None, ""):
+        return None
+    path = ckpt_dir / "last.ckpt" if cfg.resume == "last" else Path(cfg.resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume={cfg.resume!r}: no checkpoint at {path}")
+    return str(path)
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train the Flamingo described by ``cfg``, write ``run_dir/results.json`` and return its content."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(int(cfg.seed), workers=True)
+    container = OmegaConf.to_container(cfg, resolve=True)
+
+    module = FlamingoModule(container)
+    datamodule = FlamingoDataModule(container)
+    counts = module.model.parameter_counts()
+    log.info("parameters: %s", json.dumps(counts))
+
+    every = int(cfg.trainer.log_every_n_steps)
+    timer, gates, history = StepTimer(), GateLogger(every), LossHistory(every)
+    ckpt_dir = run_dir / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=max(every, 50))
+    logger = make_logger(cfg, run_dir)
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer = pl.Trainer(
+        **trainer_kwargs,
+        logger=logger,
+        callbacks=[timer, gates, history, checkpoint],
+        default_root_dir=str(run_dir),
+    )
+    if logger:
+        logger.log_hyperparams({"params": counts})
+
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, ckpt_dir))
+    wall = time.perf_counter() - started
+
+    results = {
+        "run_name": cfg.run_name,
+        "ablation": ablation_choices(cfg),
+        "params": counts,
+        "steps": trainer.global_step,
+        "world_size": trainer.world_size,
+        "step_time_s": {"mean": timer.mean, "median": timer.median, "n": len(timer.times)},
+        "loss": history.summary(),
+        "gates": module.model.gate_values(),
+        "wall_time_s": wall,
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count()},
+        "config": container,
+    }
+    if trainer.is_global_zero:
+        if logger:
+            summary = {"final/train_loss": results["loss"]["final"], "final/val_loss": results["loss"]["val"],
+                       "final/step_time_s": timer.mean}
+            logger.experiment.summary.update({k: v for k, v in summary.items() if v is not None})
+            results["wandb_dir"] = str(Path(logger.experiment.dir).parent)
+            logger.experiment.finish()
+        _write_json(run_dir / "results.json", results)
+        log.info("results: %s", run_dir / "results.json")
+    return results
+
+
+def _write_json(path: Path, content: dict) -> None:
+    """Write atomically: a reader never sees a half-written results.json."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(content, indent=2, default=str))
+    tmp.replace(path)
