@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -87,21 +88,32 @@ def test_ablation_choices_are_read_from_the_config():
 
 
 def test_tiny_run_end_to_end_loss_falls_and_writes_results(tiny_world_dir, tmp_path):
-    """A tiny `flamingo-train` run: the training loss falls by at least 30% in 40 steps."""
+    """A tiny `flamingo-train` run: the training loss starts at ln(vocab) and falls by at least 25% in 60 steps.
+
+    The LM is frozen and randomly initialised here, so only the gated blocks learn; a frozen random
+    LM's logits are bounded by its width (0.02-scale tied embeddings), hence width 128 for this test
+    (observed: 4.33 -> 2.64 in 60 steps, about a second).
+    """
     run_dir = tmp_path / "run"
     run_cli(
-        tiny_overrides(tiny_world_dir, "trainer.max_steps=40", "optim.gate_lr_mult=10", f"hydra.run.dir={run_dir}"),
+        tiny_overrides(
+            tiny_world_dir, "trainer.max_steps=60", "model.lm.arch.hidden_size=128",
+            "model.lm.arch.intermediate_size=256", "optim.lr=5e-3", "optim.gate_lr_mult=10",
+            f"hydra.run.dir={run_dir}",
+        ),
         cwd=tmp_path,
     )
     results = json.loads((run_dir / "results.json").read_text())
     loss = results["loss"]
-    assert loss["final"] < 0.7 * loss["first"], loss  # falls clearly, not by noise
+    vocab = json.loads((tiny_world_dir / "world.json").read_text())["vocab_size"]
+    assert abs(loss["first"] - math.log(vocab)) < 0.1 * math.log(vocab), loss  # gates at 0: near-uniform start
+    assert loss["final"] < 0.75 * loss["first"], loss  # falls clearly, not by noise
     assert loss["val"] is not None and loss["val"] < loss["first"]
-    assert results["steps"] == 40
+    assert results["steps"] == 60
     assert results["params"]["trainable"] < results["params"]["total"]
     assert results["step_time_s"]["mean"] > 0
     assert results["ablation"]["xattn"] == "gated" and results["ablation"]["lm_freeze"] == "frozen"
-    assert results["config"]["trainer"]["max_steps"] == 40
+    assert results["config"]["trainer"]["max_steps"] == 60
     gates = results["gates"]
     assert gates and all(abs(v) > 0 for v in gates.values())  # every gate moved off 0
     # offline W&B run with the gate values logged during training
