@@ -88,24 +88,40 @@ class Flamingo(nn.Module):
         """``(B, T_img, F, C, H, W)`` -> resampled visual tokens ``(B, T_img, n_latents, D_v)``."""
         return self.resampler(self.vision(images))
 
-    def text_to_media(self, input_ids: torch.Tensor, n_media: int) -> torch.Tensor:
-        """For each token the 1-based index of the latest ``<image>`` at or before it (0 = none)."""
+    def text_to_media(self, input_ids: torch.Tensor, n_media: int, media_offset: torch.Tensor | None = None):
+        """For each token the 1-based index of the latest ``<image>`` at or before it (0 = none).
+
+        ``media_offset`` (B,) is the number of images already seen before ``input_ids`` (cached decoding:
+        the new tokens continue the count of the prompt).
+        """
         t2m = torch.cumsum(input_ids == self.media_token_id, dim=1)  # (B, L)
+        if media_offset is not None:
+            t2m = t2m + media_offset.to(t2m.device).view(-1, 1)  # (B, L)
         most = int(t2m[:, -1].max()) if t2m.numel() else 0
         if most > n_media:
             raise ValueError(f"a sample has {most} {MEDIA_TOKEN} tokens but images has only {n_media} "
                              "slots per sample (dim 1 of (B, T_img, F, C, H, W))")
         return t2m
 
-    def forward(self, input_ids, images=None, attention_mask=None, labels=None, **kw):
-        media = t2m = None
-        if images is not None:
+    def forward(self, input_ids, images=None, attention_mask=None, labels=None, *, media=None,
+                media_offset=None, **kw):
+        """Hugging Face-style forward; ``images`` ``(B, T_img, F, C, H, W)``.
+
+        ``media`` (already resampled, ``(B, T_img, n_latents, D_v)``, from :meth:`encode_media`) may be
+        passed instead of ``images`` to reuse it (cached decoding, cached frozen features), with
+        ``media_offset`` (B,) = images before ``input_ids`` when they continue a cached prompt.
+        """
+        t2m = None
+        if images is not None and media is not None:
+            raise ValueError("pass images or media (their encoding), not both")
+        if images is not None or media is not None:
             if self.training and _activation_checkpointing(self.lm):
                 raise NotImplementedError(
                     "gradient checkpointing of the LM layers would recompute them without the media "
                     "(the xattn pre-hooks are cleared after forward); disable it for now")
-            media = self.encode_media(images)  # (B, T_img, n_latents, D_v)
-            t2m = self.text_to_media(input_ids, images.shape[1])  # (B, L)
+            if media is None:
+                media = self.encode_media(images)  # (B, T_img, n_latents, D_v)
+            t2m = self.text_to_media(input_ids, media.shape[1], media_offset)  # (B, L)
         for hook in self._xattn_hooks:
             hook.media, hook.text_to_media = media, t2m
         try:

@@ -121,7 +121,8 @@ class XAttnHook:
     def block_forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.shape[:2] != self.text_to_media.shape:
             raise ValueError(f"text_to_media {tuple(self.text_to_media.shape)} does not match the hidden "
-                             f"states {tuple(hidden.shape)} (cached decoding is not supported yet)")
+                             f"states {tuple(hidden.shape)}: with a KV cache, pass only the new tokens and "
+                             "media_offset (the images seen before them)")
         return self.block(hidden, self.media, self.text_to_media)
 
 
