@@ -1,0 +1,436 @@
+"""Reading WebDataset shards into fixed-shape Flamingo samples.
+
+Two formats, told apart by content (so real shards work as well as the embedded world's):
+
+- pair (img2dataset / ALIGN / LTIP): an image (``png``/``jpg``/``jpeg``) and a caption (``txt``);
+  it becomes ``<s><image>caption<|endofchunk|></s>``.
+- doc (MMC4 / M3W): ``json`` with ``text_list`` and ``image_info`` (``matched_text_index``,
+  ``image_name``) and the images as members named ``0.png``, ``1.png``, ...; each image's
+  ``<image>`` stands before its matched sentence and ``<|endofchunk|>`` closes the text that
+  belongs to an image (before the next image, and at the end).
+
+Every sample leaves with the same shapes (``seq_len`` tokens, ``max_images`` image slots): on a
+CPU each new tensor shape costs seconds of kernel warm-up.
+
+Decoding is explicit: only images, ``txt`` and ``json`` are read; every other member (``.pyd``,
+``.pickle``, ...) is ignored and never unpickled. A sample that fails to decode or tokenise is
+skipped with a warning that carries its key and the running count of skips in this worker.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset
+
+from flamingo_lab.data.tokenizer import EOC_TOKEN, MEDIA_TOKEN
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("png", "jpg", "jpeg")
+META_KEYS = ("__key__", "__url__", "__local_path__")
+IGNORE_INDEX = -100
+
+# ---------------------------------------------------------------------------------------------
+# The world on disk
+# ---------------------------------------------------------------------------------------------
+
+
+def load_world(root: str | Path) -> dict:
+    """Read ``root/world.json``; shard paths come back absolute, and ``root`` is added.
+
+    Raises ``FileNotFoundError`` with the command that writes the world if it is missing or
+    unfinished (``world.json`` is written last).
+    """
+    root = Path(root).resolve()
+    path = root / "world.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no embedded world at {root} (no world.json; a half-written world has none): "
+            f"run `flamingo-data out_dir={root}`"
+        )
+    world = json.loads(path.read_text())
+    world["root"] = str(root)
+    for split, sources in world["shards"].items():
+        for source, names in sources.items():
+            paths = [str(root / n) for n in names]
+            missing = [p for p in paths if not Path(p).is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"world at {root} lists shards that are missing ({missing[:3]} ...): "
+                    f"rewrite it with `flamingo-data out_dir={root} force=true`"
+                )
+            sources[source] = paths
+    world["tokenizer"] = str(root / world.get("tokenizer", "tokenizer"))
+    return world
+
+
+def load_world_tokenizer(root: str | Path):
+    """The world's word-level tokenizer (a ``PreTrainedTokenizerFast``)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(load_world(root)["tokenizer"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Explicit decoding
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()  # fail here on a truncated/corrupt file, not later
+    return img.convert("RGB")
+
+
+def decode_sample(raw: dict) -> dict:
+    """Decode the members we know (images, txt, json); drop every other member undecoded."""
+    out: dict[str, Any] = {k: raw[k] for k in META_KEYS if k in raw}
+    for k, v in raw.items():
+        if k in META_KEYS:
+            continue
+        ext = k.rsplit(".", 1)[-1].lower()
+        if ext in IMAGE_EXTS:
+            out[k] = decode_image(v)
+        elif ext == "txt":
+            out[k] = v.decode("utf-8")
+        elif ext == "json":
+            out[k] = json.loads(v)
+        # anything else (pyd, pickle, npy, mp4 ...) is ignored: never unpickled
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenising to fixed shapes
+# ---------------------------------------------------------------------------------------------
+
+
+def image_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
+    """(3, H, W) float32, normalised with mean 0.5 and std 0.5."""
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+    return (x - 0.5) / 0.5
+
+
+def sample_text_and_images(sample: dict) -> tuple[str, list[Image.Image]]:
+    """The text with ``<image>``/``<|endofchunk|>`` marks, and the images in the order they stand."""
+    meta = sample.get("json")
+    if isinstance(meta, dict) and "text_list" in meta:
+        text_list = meta["text_list"]
+        infos = sorted(
+            enumerate(meta.get("image_info", [])), key=lambda t: (t[1]["matched_text_index"], t[0])
+        )
+        before: dict[int, int] = {}
+        images = []
+        for _, info in infos:
+            i = info["matched_text_index"]
+            if not 0 <= i < len(text_list):
+                raise ValueError(f"matched_text_index {i} outside text_list of {len(text_list)}")
+            name = info["image_name"]
+            if name not in sample:
+                raise KeyError(f"image {name!r} named in image_info is not in the sample")
+            before[i] = before.get(i, 0) + 1
+            images.append(sample[name])
+        text = ""
+        for i, sentence in enumerate(text_list):
+            for _ in range(before.get(i, 0)):
+                # <EOC> closes the previous image's text (the first image has none to close)
+                text += (EOC_TOKEN + MEDIA_TOKEN) if MEDIA_TOKEN in text else MEDIA_TOKEN
+            text += sentence if not text or text.endswith(MEDIA_TOKEN) else " " + sentence
+        if images:
+            text += EOC_TOKEN
+        return text, images
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            if "txt" not in sample:
+                raise KeyError("a pair sample has an image but no txt caption")
+            return f"{MEDIA_TOKEN}{sample['txt']}{EOC_TOKEN}", [sample[ext]]
+    raise KeyError(f"neither a pair (image + txt) nor a doc (json with text_list): members {sorted(sample)}")
+
+
+class Tokenise:
+    """Turn a decoded sample into fixed-shape tensors (a picklable callable for DataLoader workers)."""
+
+    def __init__(self, tokenizer, *, seq_len: int, max_images: int, image_size: int):
+        if seq_len < 2 or max_images < 1 or image_size < 1:
+            raise ValueError(
+                f"need seq_len >= 2, max_images >= 1, image_size >= 1; got {seq_len}, {max_images}, {image_size}"
+            )
+        self.tokenizer = tokenizer
+        self.seq_len, self.max_images, self.image_size = seq_len, max_images, image_size
+        self.media_id = self._special_id(MEDIA_TOKEN)
+        self.eoc_id = self._special_id(EOC_TOKEN)
+        self.bos_id = tokenizer.bos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_id is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token: set tokenizer.pad_token")
+
+    def _special_id(self, token: str) -> int:
+        i = self.tokenizer.convert_tokens_to_ids(token)
+        if i is None or i == self.tokenizer.unk_token_id:
+            raise ValueError(
+                f"the tokenizer has no {token!r} token: add it with "
+                f"tokenizer.add_special_tokens({{'additional_special_tokens': ['{MEDIA_TOKEN}', '{EOC_TOKEN}']}})"
+            )
+        return i
+
+    def __call__(self, sample: dict, source: str) -> dict:
+        text, images = sample_text_and_images(sample)
+        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        if self.eos_id is not None:
+            ids.append(self.eos_id)
+        media_pos = [p for p, t in enumerate(ids) if t == self.media_id]
+        if len(media_pos) != len(images):
+            raise ValueError(f"text holds {len(media_pos)} {MEDIA_TOKEN} tokens for {len(images)} images")
+        if len(media_pos) > self.max_images:  # no slot for the next image: cut the text before it
+            ids = ids[: media_pos[self.max_images]]
+        ids = ids[: self.seq_len]
+        n_images = sum(t == self.media_id for t in ids)  # images whose <image> survived the cut
+        n = len(ids)
+        input_ids = torch.full((self.seq_len,), self.pad_id, dtype=torch.long)
+        input_ids[:n] = torch.tensor(ids, dtype=torch.long)
+        attention_mask = torch.zeros(self.seq_len, dtype=torch.long)
+        attention_mask[:n] = 1
+        labels = input_ids.clone()
+        labels[attention_mask == 0] = IGNORE_INDEX
+        labels[input_ids == self.media_id] = IGNORE_INDEX
+        pixels = torch.zeros(self.max_images, 1, 3, self.image_size, self.image_size)  # (T_img, F, C, H, W)
+        for i in range(n_images):
+            pixels[i, 0] = image_to_tensor(images[i], self.image_size)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "images": pixels,
+            "n_images": torch.tensor(n_images, dtype=torch.long),
+            "source": source,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline stages
+# ---------------------------------------------------------------------------------------------
+
+
+def _node_and_worker() -> tuple[int, int, int, int]:
+    return wds.utils.pytorch_worker_info()  # (rank, world_size, worker, num_workers)
+
+
+def _stream_seed(seed: int, *salt: int) -> int:
+    rank, _, worker, _ = _node_and_worker()
+    return hash((seed, rank, worker) + salt) & 0x7FFFFFFF  # ints hash stably across processes
+
+
+class _ShardList:
+    """Shard urls for this node and worker: seeded shuffle per epoch, then split; repeats if asked."""
+
+    def __init__(self, urls: list[str], *, source: str, shuffle: bool, repeat: bool, seed: int):
+        if not urls:
+            raise ValueError(f"source {source!r} has no shards")
+        self.urls, self.source, self.shuffle, self.repeat, self.seed = list(urls), source, shuffle, repeat, seed
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world_size, worker, num_workers = _node_and_worker()
+        need = world_size * num_workers
+        if len(self.urls) < need:
+            raise ValueError(
+                f"source {self.source!r} has {len(self.urls)} shards but {world_size} nodes x {num_workers} "
+                f"workers need at least {need}: write more, smaller shards (world.min_shards={need}) "
+                f"or use fewer DataLoader workers"
+            )
+        epoch = 0
+        while True:
+            order = list(self.urls)
+            if self.shuffle:  # the same order on every node and worker, so the split is a partition
+                random.Random(self.seed * 100_003 + epoch).shuffle(order)
+            for url in wds.split_by_worker(wds.split_by_node(order)):
+                yield {"url": url}
+            epoch += 1
+            if not self.repeat:
+                return
+
+
+def _shuffle(src: Iterable, bufsize: int, seed: int) -> Iterator:
+    rng = random.Random(_stream_seed(seed, 1))
+    buf: list = []
+    for x in src:
+        buf.append(x)
+        if len(buf) >= bufsize:
+            k = rng.randrange(len(buf))
+            buf[k], buf[-1] = buf[-1], buf[k]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+class SkipCounter:
+    """Counts samples skipped in this process (each DataLoader worker has its own copy)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def skip(self, what: str, exn: BaseException) -> None:
+        self.count += 1
+        rank, _, worker, _ = _node_and_worker()
+        log.warning(
+            "skipped %s (%s: %s); %d skipped so far in rank %d worker %d",
+            what, type(exn).__name__, exn, self.count, rank, worker,
+        )
+
+
+class SourceStream(IterableDataset):
+    """One source's samples as fixed-shape dicts: shards -> tar members -> decode -> tokenise."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        tokenise: Tokenise,
+        *,
+        source: str,
+        shuffle: bool,
+        repeat: bool,
+        seed: int = 0,
+        shuffle_buffer: int = 500,
+    ):
+        self.source, self.tokenise = source, tokenise
+        self.shards = _ShardList(urls, source=source, shuffle=shuffle, repeat=repeat, seed=seed)
+        self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, shuffle_buffer
+        self.skipped = SkipCounter()
+
+    def _handler(self, exn: BaseException) -> bool:
+        self.skipped.skip(f"a tar member or shard of {self.source!r} ({exn.args[-1:]})", exn)
+        return True  # keep going
+
+    def __iter__(self) -> Iterator[dict]:
+        raw: Iterable[dict] = wds.tariterators.tarfile_samples(iter(self.shards), handler=self._handler)
+        if self.shuffle:
+            raw = _shuffle(raw, self.shuffle_buffer, self.seed)
+        for sample in raw:
+            key = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+            try:
+                out = self.tokenise(decode_sample(sample), self.source)
+            except Exception as exn:  # noqa: BLE001 - any bad sample is skipped and counted
+                self.skipped.skip(f"sample {key}", exn)
+                continue
+            out["__key__"] = sample.get("__key__", "")
+            yield out
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets for training and evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+class MixtureDataset(IterableDataset):
+    """Infinite: each sample comes from a source drawn with probability proportional to its weight."""
+
+    def __init__(self, streams: dict[str, SourceStream], weights: dict[str, float], seed: int):
+        self.streams, self.weights, self.seed = streams, weights, seed
+        self.names = sorted(streams)
+
+    @property
+    def skipped(self) -> int:
+        return sum(s.skipped.count for s in self.streams.values())
+
+    def __iter__(self) -> Iterator[dict]:
+        rng = random.Random(_stream_seed(self.seed, 2))
+        its = {n: iter(self.streams[n]) for n in self.names}
+        w = [self.weights[n] for n in self.names]
+        while True:
+            name = rng.choices(self.names, weights=w)[0]
+            try:
+                yield next(its[name])
+            except StopIteration:  # only if every sample of a source fails: say so, don't spin
+                raise RuntimeError(
+                    f"source {name!r} yields no samples (all skipped? see the warnings above)"
+                ) from None
+
+
+class ConcatDataset(IterableDataset):
+    """Finite, in a fixed order: each source's shards in turn (split by node and worker)."""
+
+    def __init__(self, streams: dict[str, SourceStream]):
+        self.streams = streams
+
+    @property
+    def skipped(self) -> int:
+        return sum(s.skipped.count for s in self.streams.values())
+
+    def __iter__(self) -> Iterator[dict]:
+        for name in sorted(self.streams):
+            yield from self.streams[name]
+
+
+def _check_shards(shards: dict[str, list[str]]) -> None:
+    if not shards:
+        raise ValueError("no sources given: pass shards={'pairs': [...], 'docs': [...]}")
+    for name, urls in shards.items():
+        if isinstance(urls, (str, Path)):
+            raise TypeError(f"shards[{name!r}] must be a list of shard paths, got a single {type(urls).__name__}")
+        if not urls:
+            raise ValueError(f"source {name!r} has an empty shard list")
+
+
+def make_train_dataset(
+    shards: dict[str, list[str]],
+    weights: dict[str, float],
+    tokenizer,
+    *,
+    seq_len: int,
+    max_images: int,
+    image_size: int,
+    seed: int,
+    shuffle_buffer: int = 500,
+) -> MixtureDataset:
+    """Infinite, shuffled (seeded) mixture of sources; sources with weight 0 are left out."""
+    _check_shards(shards)
+    missing = sorted(set(weights) - set(shards))
+    unweighted = sorted(set(shards) - set(weights))
+    if missing or unweighted:
+        raise ValueError(
+            f"weights and shards must name the same sources: weights without shards {missing}, "
+            f"shards without weights {unweighted}"
+        )
+    if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+        raise ValueError(f"weights must be >= 0 with at least one > 0; got {weights}")
+    tok = Tokenise(tokenizer, seq_len=seq_len, max_images=max_images, image_size=image_size)
+    streams = {
+        name: SourceStream(
+            list(urls), tok, source=name, shuffle=True, repeat=True, seed=seed + 7919 * i,
+            shuffle_buffer=shuffle_buffer,
+        )
+        for i, (name, urls) in enumerate(sorted(shards.items()))
+        if weights[name] > 0
+    }
+    return MixtureDataset(streams, {n: float(weights[n]) for n in streams}, seed)
+
+
+def make_eval_dataset(
+    shards: dict[str, list[str]],
+    tokenizer,
+    *,
+    seq_len: int,
+    max_images: int,
+    image_size: int,
+) -> ConcatDataset:
+    """Finite, unshuffled: every sample once (across nodes and workers), sources in name order."""
+    _check_shards(shards)
+    tok = Tokenise(tokenizer, seq_len=seq_len, max_images=max_images, image_size=image_size)
+    streams = {
+        name: SourceStream(list(urls), tok, source=name, shuffle=False, repeat=False)
+        for name, urls in sorted(shards.items())
+    }
+    return ConcatDataset(streams)
