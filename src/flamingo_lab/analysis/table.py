@@ -1,0 +1,154 @@
+"""A sweep's results.json files -> a tidy DataFrame -> Flamingo's Table 3 with intervals over seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .paper import PAPER_TABLE3, ROW_ORDER, TASKS
+from .stats import diff_ci, mean_ci
+
+#: Columns of the tidy frame that Table 3 summarises (one row per run).
+METRICS = ["params", "step_time", *TASKS, "overall"]
+
+
+def flatten_results(results: dict[str, Any], path: str | None = None) -> dict[str, Any]:
+    """One results.json -> one tidy row: experiment, seed, status, params, step time, task scores, overall."""
+    cfg = results.get("config", {})
+    ev = results.get("eval") or {}
+    scores = ev.get("scores", {})
+    row = {
+        "experiment": results.get("experiment") or cfg.get("experiment") or "baseline",
+        "seed": cfg.get("seed", results.get("seed")),
+        "status": results.get("status", "complete"),
+        "error": results.get("error"),
+        "params": (results.get("params") or {}).get("total"),
+        "step_time": (results.get("step_time_s") or {}).get("median"),
+        "overall": ev.get("overall"),
+        "final_loss": (results.get("loss") or {}).get("final"),
+        "path": path,
+    }
+    for task in TASKS:
+        row[task] = scores.get(task)
+    for key, value in (results.get("ablation") or {}).items():
+        row[f"ablation.{key}"] = value
+    return row
+
+
+def load_runs(folder: str | Path) -> pd.DataFrame:
+    """Every ``results.json`` under ``folder`` (a sweep or a single run), one row each."""
+    folder = Path(folder)
+    paths = sorted(folder.rglob("results.json"))
+    if not paths:
+        raise FileNotFoundError(f"no results.json under {folder}: is it a sweep or run folder?")
+    rows = [flatten_results(json.loads(p.read_text()), str(p)) for p in paths]
+    return pd.DataFrame(rows)
+
+
+def load_wandb(project: str, group: str | None = None, api=None) -> pd.DataFrame:
+    """The same tidy frame from a W&B project (runs' ``results`` summary written by flamingo-train)."""
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    filters = {"group": group} if group else None
+    rows = []
+    for run in api.runs(project, filters=filters):
+        results = run.summary.get("results")
+        if isinstance(results, str):
+            results = json.loads(results)
+        if results:
+            rows.append(flatten_results(dict(results), run.url))
+    if not rows:
+        raise LookupError(f"no runs with a results summary in W&B project {project!r} (group {group!r})")
+    return pd.DataFrame(rows)
+
+
+def table3(runs: pd.DataFrame, baseline: str = "baseline") -> pd.DataFrame:
+    """Per experiment: mean and 95% half-width of every metric over seeds, the paper's numbers,
+    the change from the baseline (ours with its interval, the paper's) and whether they agree."""
+    done = runs[runs["status"] == "complete"]
+    base = done[done["experiment"] == baseline]
+    out = []
+    order = [e for e in ROW_ORDER if e in set(done["experiment"])]
+    order += sorted(set(done["experiment"]) - set(order))
+    for exp in order:
+        group = done[done["experiment"] == exp]
+        paper = PAPER_TABLE3.get(exp, {})
+        row: dict[str, Any] = {
+            "experiment": exp,
+            "group": paper.get("group", ""),
+            "changed_to": "baseline" if exp == baseline else paper.get("changed_to", exp),
+            "seeds": len(group),
+            "failed": int((runs[runs["experiment"] == exp]["status"] != "complete").sum()),
+        }
+        for m in METRICS:
+            mean, half, _ = mean_ci(group[m].dropna().tolist()) if m in group else (math.nan, math.nan, 0)
+            row[m], row[f"{m}_ci"] = mean, half
+            row[f"paper_{m}"] = paper.get(m)
+        if exp != baseline and len(base):
+            delta, half = diff_ci(group["overall"].dropna().tolist(), base["overall"].dropna().tolist())
+            p_delta = (paper.get("overall") - PAPER_TABLE3[baseline]["overall"]) if paper.get("overall") else None
+            row.update(delta=delta, delta_ci=half, paper_delta=p_delta)
+            row["agrees"] = None if p_delta is None or math.isnan(delta) else (delta * p_delta > 0)
+            row["significant"] = None if math.isnan(half) else abs(delta) > half
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _pm(mean: float, half: float, digits: int = 1) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    if half is None or math.isnan(half):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def _paper(value, digits=1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def render_rows(table: pd.DataFrame) -> list[dict[str, str]]:
+    """Table 3 as display strings: ours (mean ± 95% CI) then the paper's number, per column."""
+    rows = []
+    for r in table.to_dict("records"):
+        cells = {
+            "group": r["group"],
+            "changed to": r["changed_to"],
+            "seeds": str(r["seeds"]) + (f" (+{r['failed']} failed)" if r["failed"] else ""),
+            "params (M)": _pm(r["params"] / 1e6 if r["params"] == r["params"] else math.nan, math.nan, 2),
+            "paper params (B)": _paper(r["paper_params"]),
+            "step (ms)": _pm(r["step_time"] * 1e3, r["step_time_ci"] * 1e3, 0),
+            "paper step (s)": _paper(r["paper_step_time"], 2),
+        }
+        for t in TASKS:
+            cells[t] = f"{_pm(r[t], r[f'{t}_ci'])} ({_paper(r[f'paper_{t}'])})"
+        cells["overall"] = f"{_pm(r['overall'], r['overall_ci'])} ({_paper(r['paper_overall'])})"
+        if "delta" in r and r.get("delta") == r.get("delta"):
+            agrees = {True: "yes", False: "no", None: "–"}[r.get("agrees")]
+            sig = {True: "yes", False: "no", None: "–"}[r.get("significant")]
+            cells["Δ overall"] = f"{_pm(r['delta'], r['delta_ci'])} ({_paper(r['paper_delta'])})"
+            cells["paper's way"], cells["CI excludes 0"] = agrees, sig
+        else:
+            cells["Δ overall"], cells["paper's way"], cells["CI excludes 0"] = "–", "–", "–"
+        rows.append(cells)
+    return rows
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """Markdown Table 3: each cell is ours (mean ± 95% CI over seeds) with the paper's value in brackets."""
+    rows = render_rows(table)
+    if not rows:
+        return "(no complete runs)\n"
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r[h] for h in head) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_html(table: pd.DataFrame) -> str:
+    return pd.DataFrame(render_rows(table)).to_html(index=False, escape=True)

@@ -1,0 +1,114 @@
+"""Sweep analysis: tidy frame, Table 3 with intervals over seeds, the paper's numbers, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from flamingo_lab.analysis import (
+    PAPER_REFERENCES, PAPER_TABLE3, TASKS, diff_ci, load_runs, load_wandb, mean_ci, overall_score,
+    plot_loss_curves, plot_overall, table3, to_html, to_markdown,
+)
+
+
+def test_paper_overall_is_the_mean_of_scores_over_references():
+    """The paper's Overall column follows from its task columns to within its rounding (≤ 0.25 points;
+    'w/o Video-Text' is the worst: 67.5 computed vs 67.3 printed)."""
+    for key, row in PAPER_TABLE3.items():
+        if row["coco"] is None:
+            continue
+        computed = overall_score({t: row[t] for t in TASKS}, PAPER_REFERENCES)
+        assert abs(computed - row["overall"]) <= 0.25, (key, computed, row["overall"])
+
+
+def test_mean_ci_uses_student_t():
+    mean, half, n = mean_ci([1.0, 2.0, 3.0])
+    assert (mean, n) == (2.0, 3)
+    assert half == pytest.approx(4.303 / math.sqrt(3), rel=1e-4)  # t_{0.975}(2) * s / sqrt(n), s = 1
+    assert math.isnan(mean_ci([5.0])[1])
+
+
+def test_diff_ci_welch():
+    delta, half = diff_ci([10.0, 11.0, 12.0], [1.0, 2.0, 3.0])
+    assert delta == pytest.approx(9.0)
+    # equal variances and sizes: se = sqrt(2/3), Welch df = 4 -> t = 2.776
+    assert half == pytest.approx(2.776 * math.sqrt(2 / 3), rel=1e-4)
+
+
+def _write_run(folder, experiment, seed, overall, status="complete", curve=None):
+    folder.mkdir(parents=True)
+    scores = {t: overall + i for i, t in enumerate(TASKS)}
+    results = {
+        "experiment": experiment, "status": status, "config": {"seed": seed},
+        "params": {"total": 1_500_000}, "step_time_s": {"median": 0.08},
+        "loss": {"final": 2.0, "curve": curve or {"step": [10, 20], "loss": [4.0, 3.0]}},
+        "eval": {"scores": scores, "overall": overall} if status == "complete" else {},
+    }
+    if status != "complete":
+        results["error"] = "RuntimeError: boom"
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    for s, v in enumerate([70.0, 71.0, 69.0]):
+        _write_run(tmp_path / f"b{s}", "baseline", s, v)
+    for s, v in enumerate([50.0, 52.0, 51.0]):
+        _write_run(tmp_path / f"m{s}", "no_m3w", s, v)
+    for s, v in enumerate([70.5, 69.5]):
+        _write_run(tmp_path / f"t{s}", "no_tanh", s, v)
+    _write_run(tmp_path / "t9", "no_tanh", 9, 0.0, status="failed")
+    return tmp_path
+
+
+def test_table3_means_intervals_and_direction(sweep):
+    runs = load_runs(sweep)
+    assert len(runs) == 9
+    table = table3(runs).set_index("experiment")
+    assert list(table.index) == ["baseline", "no_m3w", "no_tanh"]  # the paper's row order
+    assert table.loc["baseline", "overall"] == pytest.approx(70.0)
+    assert table.loc["no_m3w", "delta"] == pytest.approx(-19.0)
+    assert table.loc["no_m3w", "agrees"] is True or table.loc["no_m3w", "agrees"] == True  # noqa: E712
+    assert bool(table.loc["no_m3w", "significant"])  # a 19-point drop, intervals of ~2.5
+    assert not bool(table.loc["no_tanh", "significant"])  # 0 ± a few: the interval holds zero
+    assert table.loc["no_tanh", "seeds"] == 2 and table.loc["no_tanh", "failed"] == 1
+    assert table.loc["no_m3w", "paper_overall"] == 53.4
+
+
+def test_markdown_and_html_show_ours_beside_the_paper(sweep):
+    table = table3(load_runs(sweep))
+    md = to_markdown(table)
+    assert "w/o M3W" in md and "(53.4)" in md and "51.0 ± " in md
+    assert "(+1 failed)" in md
+    html = to_html(table)
+    assert html.startswith("<table") and "w/o M3W" in html
+
+
+def test_plots_are_written(sweep, tmp_path):
+    runs = load_runs(sweep)
+    overall = plot_overall(table3(runs), tmp_path / "overall.png")
+    curves = plot_loss_curves(runs, tmp_path / "loss.png")
+    for p in (overall, curves):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_load_wandb_reads_the_results_summary(sweep):
+    class Run:
+        def __init__(self, path):
+            self.summary = {"results": json.loads(path.read_text())}
+            self.url = str(path)
+
+    class Api:
+        def runs(self, project, filters=None):
+            assert project == "flamingo-lab" and filters == {"group": "g"}
+            return [Run(p) for p in sorted(sweep.rglob("results.json"))]
+
+    runs = load_wandb("flamingo-lab", group="g", api=Api())
+    assert len(runs) == 9 and set(runs["experiment"]) == {"baseline", "no_m3w", "no_tanh"}
+
+
+def test_no_results_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        load_runs(tmp_path)
