@@ -7,8 +7,10 @@ import math
 
 import pytest
 
+from flamingo_lab.eval.metrics import overall_score
+
 from flamingo_lab.analysis import (
-    PAPER_REFERENCES, PAPER_TABLE3, TASKS, diff_ci, load_runs, load_wandb, mean_ci, overall_score,
+    PAPER_REFERENCES, PAPER_TABLE3, TASKS, diff_ci, load_runs, load_wandb, mean_ci,
     plot_loss_curves, plot_overall, table3, to_html, to_markdown,
 )
 
@@ -44,7 +46,9 @@ def _write_run(folder, experiment, seed, overall, status="complete", curve=None)
         "experiment": experiment, "status": status, "config": {"seed": seed},
         "params": {"total": 1_500_000}, "step_time_s": {"median": 0.08},
         "loss": {"final": 2.0, "curve": curve or {"step": [10, 20], "loss": [4.0, 3.0]}},
-        "eval": {"scores": scores, "overall": overall} if status == "complete" else {},
+        "eval": {"scores": {t: {"4": {"metric": "m", "score": v}} for t, v in scores.items()},
+                 "overall": {"4": overall}, "overall_score": overall, "overall_shots": 4}
+        if status == "complete" else {},
     }
     if status != "complete":
         results["error"] = "RuntimeError: boom"

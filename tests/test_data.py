@@ -43,9 +43,10 @@ def tok(tiny_world_dir):
     return load_world_tokenizer(tiny_world_dir)
 
 
-def _small(seed: int) -> WorldConfig:
-    return WorldConfig(name="t", seed=seed, n_train_pairs=12, n_train_docs=6, n_val_pairs=4, n_val_docs=4,
-                       min_shards=2)
+def _small(seed: int, workers: int = 1) -> WorldConfig:
+    sizes = {f"n_{sp}_{so}": n for sp, n in (("train", 6), ("val", 2)) for so in ("m3w", "ltip", "align", "laion", "vtp")}
+    return WorldConfig(name="t", seed=seed, **sizes, n_support=4, n_test=4, n_episodes=2, episode_support=5,
+                       episode_test=2, n_corpus_train=10, n_corpus_val=2, min_shards=2, workers=workers)
 
 
 def _tar_hashes(root: Path) -> dict[str, str]:
@@ -56,9 +57,10 @@ def _tar_hashes(root: Path) -> dict[str, str]:
 
 
 def test_same_seed_gives_byte_identical_shards(tmp_path):
-    a, b, c = (write_world(_small(s), tmp_path / n, progress=False) for s, n in ((0, "a"), (0, "b"), (1, "c")))
+    # b is written by two processes: the bytes do not depend on it
+    a, b, c = (write_world(_small(s, w), tmp_path / n, progress=False) for s, w, n in ((0, 1, "a"), (0, 2, "b"), (1, 1, "c")))
     ha, hb, hc = (_tar_hashes(tmp_path / n) for n in "abc")
-    assert len(ha) == 8 and ha == hb
+    assert len(ha) == 2 * 5 * 2 + 6 * 2 * 2 and ha == hb  # 2 shards per split x source, and per task x split
     assert set(ha) == set(hc) and all(ha[k] != hc[k] for k in ha)
     assert a["shards"] == c["shards"] and a["counts"] == b["counts"]
 
@@ -71,7 +73,7 @@ def test_world_config_rejects_bad_values_with_a_fix():
 
 
 def test_doc_places_each_image_before_its_sentence():
-    doc = make_doc_sample(_small(0), "train", 3)
+    doc = next(d for d in (make_doc_sample(_small(0), "train", i) for i in range(50)) if d["json"]["page_kind"] == "describe")
     meta = doc["json"]
     n = len(meta["image_info"])
     assert 2 <= n <= 5 and all(f"{i}.png" in doc for i in range(n))
@@ -96,7 +98,7 @@ def test_doc_tokens_match_kept_images(tok, seq_len, max_images):
     for index in range(8):
         sample = decode_sample(encode_sample(make_doc_sample(_small(0), "train", index)))
         n_doc = len(sample["json"]["image_info"])
-        out = tokenise(sample, "docs")
+        out = tokenise(sample, "m3w")
         ids, mask, labels, images, k = out["input_ids"], out["attention_mask"], out["labels"], out["images"], out["n_images"]
         assert ids.shape == mask.shape == labels.shape == (seq_len,) and ids.dtype == torch.long
         assert images.shape == (max_images, 1, 3, 32, 32) and images.dtype == torch.float32
@@ -117,8 +119,8 @@ def test_doc_tokens_match_kept_images(tok, seq_len, max_images):
 
 
 def test_pair_format(tok):
-    sample = decode_sample(encode_sample(make_pair(_small(0), "train", 0)))
-    out = Tokenise(tok, **SHAPE)(sample, "pairs")
+    sample = decode_sample(encode_sample(make_pair(_small(0), "train", 0, "ltip")))
+    out = Tokenise(tok, **SHAPE)(sample, "ltip")
     n = int(out["attention_mask"].sum())
     ids = out["input_ids"][:n].tolist()
     assert ids[0] == tok.bos_token_id and ids[1] == tok.convert_tokens_to_ids(MEDIA_TOKEN)
@@ -145,20 +147,20 @@ def test_decoding_never_unpickles_and_skips_corrupt_samples(tmp_path, tok, caplo
     cfg = _small(0)
     with wds.TarWriter(str(shard), encoder=False) as w:
         for i in range(6):
-            s = encode_sample(make_pair(cfg, "train", i))
+            s = encode_sample(make_pair(cfg, "train", i, "ltip"))
             if i == 1:
                 s["pyd"] = evil
                 s["pickle"] = evil
             if i == 3:
                 s["png"] = s["png"][:40] + b"garbage" * 10  # a corrupt PNG
             w.write(s)
-    ds = make_eval_dataset({"pairs": [str(shard)]}, tok, **SHAPE)
+    ds = make_eval_dataset({"ltip": [str(shard)]}, tok, **SHAPE)
     with caplog.at_level(logging.WARNING, logger="flamingo_lab.data.shards"):
         keys = [x["__key__"] for x in ds]
     assert not marker.exists()
-    assert keys == [f"train-pair-{i:07d}" for i in (0, 1, 2, 4, 5)]
-    assert ds.skipped == 1
-    assert any("train-pair-0000003" in r.getMessage() and "1 skipped" in r.getMessage() for r in caplog.records)
+    assert keys == [f"train-ltip-{i:07d}" for i in (0, 1, 2, 4, 5)]
+    assert ds.skipped == 1 and ds.skip_counts() == {"ltip": {"bad_image": 1}}
+    assert any("train-ltip-0000003" in r.getMessage() and "1 skipped" in r.getMessage() for r in caplog.records)
 
 
 # --- splitting, mixing, loading ------------------------------------------------------------
@@ -166,8 +168,8 @@ def test_decoding_never_unpickles_and_skips_corrupt_samples(tmp_path, tok, caplo
 
 @pytest.mark.parametrize("num_workers", [0, 1, 2])
 def test_eval_pass_sees_every_sample_once(world, tok, num_workers):
-    shards = world["shards"]["val"]
-    assert len(shards["pairs"]) == 4
+    shards = {s: world["shards"]["val"][s] for s in ("m3w", "ltip")}
+    assert len(shards["ltip"]) == 4
     ds = make_eval_dataset(shards, tok, **SHAPE)
     keys = []
     for batch in DataLoader(ds, batch_size=4, num_workers=num_workers):
@@ -175,43 +177,45 @@ def test_eval_pass_sees_every_sample_once(world, tok, num_workers):
         assert batch["images"].shape[1:] == (3, 1, 3, 32, 32)
         keys += batch["__key__"]
     counts = world["counts"]["val"]
-    assert len(keys) == len(set(keys)) == counts["pairs"] + counts["docs"]
+    assert len(keys) == len(set(keys)) == counts["ltip"] + counts["m3w"]
 
 
 def test_too_few_shards_for_the_workers_is_a_clear_error(world, tok, monkeypatch):
     # webdataset reads node and worker from these variables first; a real DataLoader worker that
     # raises costs torch ~5 s per worker at shutdown, so this runs in-process
-    ds = make_eval_dataset({"pairs": world["shards"]["val"]["pairs"][:1]}, tok, **SHAPE)
+    ds = make_eval_dataset({"ltip": world["shards"]["val"]["ltip"][:1]}, tok, **SHAPE)
     monkeypatch.setenv("WORKER", "0")
     monkeypatch.setenv("NUM_WORKERS", "2")
     with pytest.raises(ValueError, match=r"has 1 shards but 1 nodes x 2 workers need at least 2"):
         list(ds)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    ds = make_eval_dataset(world["shards"]["val"], tok, **SHAPE)  # 4 shards per source: enough
-    assert len({x["__key__"] for x in ds}) < world["counts"]["val"]["pairs"]  # this node x worker's part
-    ds = make_train_dataset({"pairs": world["shards"]["train"]["pairs"][:3]}, {"pairs": 1.0}, tok, seed=0, **SHAPE)
+    ds = make_eval_dataset({"ltip": world["shards"]["val"]["ltip"]}, tok, **SHAPE)  # 4 shards: enough
+    assert len({x["__key__"] for x in ds}) < world["counts"]["val"]["ltip"]  # this node x worker's part
+    ds = make_train_dataset({"ltip": world["shards"]["train"]["ltip"][:3]}, {"ltip": 1.0}, tok, seed=0, **SHAPE)
     with pytest.raises(ValueError, match=r"2 nodes x 2 workers need at least 4"):
         next(iter(ds))
 
 
 def test_mixture_honours_weights_and_seed(world, tok):
     def keys(seed, n):
-        ds = make_train_dataset(world["shards"]["train"], {"pairs": 0.8, "docs": 0.2}, tok, seed=seed,
+        ds = make_train_dataset({s: world["shards"]["train"][s] for s in ("ltip", "m3w")}, {"ltip": 0.8, "m3w": 0.2},
+                                tok, seed=seed,
                                 seq_len=16, max_images=2, image_size=32)
         return [(x["source"], x["__key__"]) for x in islice(ds, n)]
 
     drawn = keys(0, 500)
-    frac = Counter(s for s, _ in drawn)["pairs"] / len(drawn)
+    frac = Counter(s for s, _ in drawn)["ltip"] / len(drawn)
     assert abs(frac - 0.8) < 0.07
     assert keys(0, 60) == drawn[:60]
     assert keys(1, 60) != drawn[:60]
-    assert len({k for _, k in drawn}) == world["counts"]["train"]["pairs"] + world["counts"]["train"]["docs"]
+    assert len({k for _, k in drawn}) == world["counts"]["train"]["ltip"] + world["counts"]["train"]["m3w"]
 
 
 @pytest.mark.parametrize("num_workers", [1, 2])
 def test_train_batches_have_fixed_shapes_in_workers(world, tok, num_workers):
-    ds = make_train_dataset(world["shards"]["train"], {"pairs": 0.5, "docs": 0.5}, tok, seed=0, **SHAPE)
+    ds = make_train_dataset({s: world["shards"]["train"][s] for s in ("ltip", "m3w")}, {"ltip": 0.5, "m3w": 0.5}, tok,
+                            seed=0, **SHAPE)
     for batch in islice(DataLoader(ds, batch_size=4, num_workers=num_workers), 6):
         assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (4, 48)
         assert batch["images"].shape == (4, 3, 1, 3, 32, 32) and batch["n_images"].shape == (4,)
@@ -224,7 +228,7 @@ def test_flamingo_data_cli_writes_a_readable_world_and_skips_a_rewrite(tmp_path,
     assert first.returncode == 0, first.stderr
     world = load_world(tmp_path / "w")
     assert world["config"]["name"] == "tiny"
-    ds = make_train_dataset(world["shards"]["train"], {"pairs": 1.0, "docs": 1.0},
+    ds = make_train_dataset({s: world["shards"]["train"][s] for s in ("ltip", "m3w")}, {"ltip": 1.0, "m3w": 1.0},
                             load_world_tokenizer(tmp_path / "w"), seed=0, **SHAPE)
     assert next(iter(ds))["input_ids"].shape == (48,)
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)

@@ -31,7 +31,7 @@ ARCHS = {
     "opt": dict(model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
                 word_embed_proj_dim=32, max_position_embeddings=64),
 }
-TINY_RESAMPLER = dict(depth=2, n_latents=4, heads=2, dim_head=16, max_frames=4)
+TINY_RESAMPLER = dict(dim=24, depth=2, n_latents=4, heads=2, dim_head=16, max_frames=4)
 TINY_XATTN = dict(heads=2, dim_head=16)
 
 
@@ -289,16 +289,18 @@ def test_every_middle_builds_one_block(tiny_tokenizer_dir):
 
 
 def test_unknown_names_list_the_valid_ones():
-    assert "tiny" in list_vision_encoders()
-    assert list_resamplers() == ["perceiver"] and list_xattn() == ["gated"]
-    with pytest.raises(ValueError, match=r"unknown vision encoder 'nope'; choose one of \['tiny'\]"):
+    assert list_vision_encoders() == ["clip_vit_l14", "nfnet_f0", "nfnet_f6", "tiny"]
+    assert list_resamplers() == ["mlp", "perceiver", "transformer"]
+    assert list_xattn() == ["gated", "grafting", "vanilla"]
+    with pytest.raises(ValueError, match=r"unknown vision encoder 'nope'; choose one of \['clip_vit_l14', "):
         VisionConfig(name="nope")
-    with pytest.raises(ValueError, match=r"resampler.name must be one of \['perceiver'\]"):
-        ResamplerConfig(name="mlp")
-    with pytest.raises(ValueError, match=r"xattn.name must be one of \['gated'\]"):
-        XAttnConfig(name="vanilla")
-    with pytest.raises(ValueError, match=r"lm.freeze must be one of \['frozen', 'train_pretrained'\]"):
-        LMConfig(freeze="train_from_scratch")
+    with pytest.raises(ValueError, match=r"resampler.name must be one of \['mlp', 'perceiver', 'transformer'\]"):
+        ResamplerConfig(name="lstm")
+    with pytest.raises(ValueError, match=r"xattn.name must be one of \['gated', 'grafting', 'vanilla'\]"):
+        XAttnConfig(name="nope")
+    with pytest.raises(ValueError, match=r"lm.freeze must be one of \['frozen', 'train_pretrained', "
+                                         r"'train_from_scratch'\]"):
+        LMConfig(freeze="thaw")
 
 
 def test_from_dict_rejects_unknown_keys(tiny_tokenizer_dir):
@@ -306,8 +308,8 @@ def test_from_dict_rejects_unknown_keys(tiny_tokenizer_dir):
     assert FlamingoConfig.from_dict(d).xattn.heads == 2
     with pytest.raises(ValueError, match=r"unknown model config keys \['visoin'\]; valid keys are"):
         FlamingoConfig.from_dict({**d, "visoin": {}})
-    with pytest.raises(ValueError, match=r"unknown keys \['layers'\] in model.resampler; valid keys are .*'depth'"):
-        FlamingoConfig.from_dict({**d, "resampler": {"layers": 2}})
+    with pytest.raises(ValueError, match=r"unknown keys \['n_layers'\] in model.resampler; valid keys are .*'depth'"):
+        FlamingoConfig.from_dict({**d, "resampler": {"n_layers": 2}})
 
 
 def test_build_is_deterministic_and_takes_omegaconf(tiny_tokenizer_dir):
@@ -354,13 +356,13 @@ def test_vision_checkpoint_mismatch_is_clear(tmp_path):
 
 @pytest.mark.parametrize("frames", [1, 3])
 def test_resampler_shapes(frames):
-    res = PerceiverResampler(ResamplerConfig(**TINY_RESAMPLER), dim=24)
+    res = PerceiverResampler(ResamplerConfig(**TINY_RESAMPLER), dim_media=24)
     out = res(torch.randn(2, 3, frames, 5, 24))  # (B, T_img, F, N, D)
     assert out.shape == (2, 3, 4, 24)  # (B, T_img, n_latents, D)
 
 
 def test_resampler_rejects_too_many_frames():
-    res = PerceiverResampler(ResamplerConfig(**TINY_RESAMPLER), dim=24)
+    res = PerceiverResampler(ResamplerConfig(**TINY_RESAMPLER), dim_media=24)
     with pytest.raises(ValueError, match="got 5 frames per image but resampler.max_frames is 4"):
         res(torch.randn(1, 1, 5, 3, 24))
 

@@ -53,9 +53,9 @@ def run(cfg: DictConfig) -> dict | None:
     manifest = write_world(world, out_dir, progress=cfg.get("progress", True))
     counts = manifest["counts"]
     log.info(
-        "wrote world %r to %s in %.1f s: train %d pairs + %d docs, val %d pairs + %d docs, vocab %d",
-        world.name, out_dir.resolve(), manifest["elapsed_s"], counts["train"]["pairs"], counts["train"]["docs"],
-        counts["val"]["pairs"], counts["val"]["docs"], manifest["vocab_size"],
+        "wrote world %r to %s in %.1f s: train %s, val %s, tasks %s, vocab %d",
+        world.name, out_dir.resolve(), manifest["elapsed_s"], counts["train"], counts["val"],
+        {t: spec["counts"] for t, spec in manifest["tasks"].items()}, manifest["vocab_size"],
     )
     log.info("manifest: %s", out_dir.resolve() / MANIFEST)
     return manifest

@@ -1,12 +1,12 @@
 """Sweep results -> tidy DataFrame -> Flamingo's Table 3 (markdown, HTML) and plots."""
 
-from .paper import PAPER_REFERENCES, PAPER_TABLE3, ROW_ORDER, TASKS, overall_score
+from .paper import PAPER_REFERENCES, PAPER_TABLE3, ROW_ORDER, TASKS
 from .plots import plot_loss_curves, plot_overall
 from .stats import diff_ci, mean_ci
 from .table import flatten_results, load_runs, load_wandb, table3, to_html, to_markdown
 
 __all__ = [
-    "PAPER_REFERENCES", "PAPER_TABLE3", "ROW_ORDER", "TASKS", "overall_score", "plot_loss_curves",
+    "PAPER_REFERENCES", "PAPER_TABLE3", "ROW_ORDER", "TASKS", "plot_loss_curves",
     "plot_overall", "diff_ci", "mean_ci", "flatten_results", "load_runs", "load_wandb", "table3",
     "to_html", "to_markdown",
 ]

@@ -42,10 +42,3 @@ PAPER_TABLE3: dict[str, dict] = {key: dict(zip(_COLUMNS, values)) for key, value
 #: Row order as the paper prints it.
 ROW_ORDER = list(_ROWS)
 
-
-def overall_score(scores: dict[str, float], references: dict[str, float]) -> float:
-    """The paper's Overall: each task's score divided by its reference, averaged, in percent."""
-    missing = [t for t in references if t not in scores or scores[t] is None]
-    if missing:
-        raise ValueError(f"overall needs a score for every task; missing {missing}")
-    return 100.0 * sum(scores[t] / references[t] for t in references) / len(references)

@@ -20,7 +20,7 @@ def flatten_results(results: dict[str, Any], path: str | None = None) -> dict[st
     """One results.json -> one tidy row: experiment, seed, status, params, step time, task scores, overall."""
     cfg = results.get("config", {})
     ev = results.get("eval") or {}
-    scores = ev.get("scores", {})
+    shots = str(ev.get("overall_shots", 4))
     row = {
         "experiment": results.get("experiment") or cfg.get("experiment") or "baseline",
         "seed": cfg.get("seed", results.get("seed")),
@@ -28,12 +28,14 @@ def flatten_results(results: dict[str, Any], path: str | None = None) -> dict[st
         "error": results.get("error"),
         "params": (results.get("params") or {}).get("total"),
         "step_time": (results.get("step_time_s") or {}).get("median"),
-        "overall": ev.get("overall"),
+        "overall": ev.get("overall_score"),
         "final_loss": (results.get("loss") or {}).get("final"),
         "path": path,
     }
-    for task in TASKS:
-        row[task] = scores.get(task)
+    for task in TASKS:  # eval.scores[task][k] = {"metric", "score", ...} at the headline k shots
+        by_k = (ev.get("scores") or {}).get(task) or {}
+        entry = by_k.get(shots, by_k.get(int(shots))) if isinstance(by_k, dict) else None
+        row[task] = entry.get("score") if isinstance(entry, dict) else entry
     for key, value in (results.get("ablation") or {}).items():
         row[f"ablation.{key}"] = value
     return row

@@ -1,28 +1,37 @@
 """Reading WebDataset shards into fixed-shape Flamingo samples.
 
-Two formats, told apart by content (so real shards work as well as the embedded world's):
+Three layouts, told apart by content (so real shards work as well as the embedded world's):
 
-- pair (img2dataset / ALIGN / LTIP): an image (``png``/``jpg``/``jpeg``) and a caption (``txt``);
-  it becomes ``<s><image>caption<|endofchunk|></s>``.
+- pair (img2dataset / ALIGN / LTIP / LAION): an image (``png``/``jpg``/``jpeg``), a caption (``txt``)
+  and optional ``json``; it becomes ``<s><image>caption<|endofchunk|></s>``.
 - doc (MMC4 / M3W): ``json`` with ``text_list`` and ``image_info`` (``matched_text_index``,
-  ``image_name``) and the images as members named ``0.png``, ``1.png``, ...; each image's
-  ``<image>`` stands before its matched sentence and ``<|endofchunk|>`` closes the text that
-  belongs to an image (before the next image, and at the end).
+  ``image_name``) and the images as members (``0.png``, ``1.jpg``, ... or MMC4's ``image_base64``
+  inside ``image_info``); each image's ``<image>`` stands before its matched sentence and
+  ``<|endofchunk|>`` closes the text that belongs to an image (before the next image, and at the end).
+- video (VTP / WebVid-style): frames ``0.png`` .. or ``0.jpg`` .. and a ``txt`` caption; one
+  ``<image>`` for the clip, ``frames`` frames taken every ``frame_stride``-th. Encoded video files
+  (``mp4``, ``webm``, ...) are not decoded: such a sample is skipped as ``unsupported_video``.
 
-Every sample leaves with the same shapes (``seq_len`` tokens, ``max_images`` image slots): on a
-CPU each new tensor shape costs seconds of kernel warm-up.
+Every sample leaves with the same shapes (``seq_len`` tokens, ``max_images`` image slots of
+``frames`` frames): on a CPU each new tensor shape costs seconds of kernel warm-up.
 
 Decoding is explicit: only images, ``txt`` and ``json`` are read; every other member (``.pyd``,
-``.pickle``, ...) is ignored and never unpickled. A sample that fails to decode or tokenise is
-skipped with a warning that carries its key and the running count of skips in this worker.
+``.pickle``, ``.pth`` ...) is ignored and never unpickled or ``torch.load``ed. A sample that fails
+is skipped with a warning and counted per source and per reason (:data:`SKIP_REASONS`); each
+sample carries ``skipped`` (counts per reason since the previous sample of its stream), so the
+counts made in DataLoader workers reach the training process with the batches.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 import logging
 import random
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -36,18 +45,43 @@ from flamingo_lab.data.tokenizer import EOC_TOKEN, MEDIA_TOKEN
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("png", "jpg", "jpeg")
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+VIDEO_EXTS = ("mp4", "webm", "avi", "mkv", "mov")
 META_KEYS = ("__key__", "__url__", "__local_path__")
 IGNORE_INDEX = -100
+SKIP_REASONS = ("corrupt_tar", "bad_image", "bad_json", "bad_text", "missing_text", "too_many_images",
+                "unsupported_video", "bad_layout")
+_FRAME = re.compile(r"^(\d+)\.(png|jpe?g|webp)$", re.IGNORECASE)
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; ``reason`` is one of :data:`SKIP_REASONS`."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
 
 # ---------------------------------------------------------------------------------------------
 # The world on disk
 # ---------------------------------------------------------------------------------------------
 
 
-def load_world(root: str | Path) -> dict:
-    """Read ``root/world.json``; shard paths come back absolute, and ``root`` is added.
+def _absolute(root: Path, names: list[str]) -> list[str]:
+    paths = [str(root / n) for n in names]
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"world at {root} lists shards that are missing ({missing[:3]} ...): "
+            f"rewrite it with `flamingo-data out_dir={root} force=true`"
+        )
+    return paths
 
+
+def load_world(root: str | Path) -> dict:
+    """Read ``root/world.json``; shard, task and corpus paths come back absolute, and ``root`` is added.
+
+    A folder written by ``flamingo-import`` has a manifest with ``tasks`` only; it loads the same way.
     Raises ``FileNotFoundError`` with the command that writes the world if it is missing or
     unfinished (``world.json`` is written last).
     """
@@ -60,17 +94,15 @@ def load_world(root: str | Path) -> dict:
         )
     world = json.loads(path.read_text())
     world["root"] = str(root)
-    for split, sources in world["shards"].items():
+    for split, sources in world.get("shards", {}).items():
         for source, names in sources.items():
-            paths = [str(root / n) for n in names]
-            missing = [p for p in paths if not Path(p).is_file()]
-            if missing:
-                raise FileNotFoundError(
-                    f"world at {root} lists shards that are missing ({missing[:3]} ...): "
-                    f"rewrite it with `flamingo-data out_dir={root} force=true`"
-                )
-            sources[source] = paths
-    world["tokenizer"] = str(root / world.get("tokenizer", "tokenizer"))
+            sources[source] = _absolute(root, names)
+    for task in world.get("tasks", {}).values():
+        task["splits"] = {split: _absolute(root, names) for split, names in task["splits"].items()}
+    if "corpus" in world:
+        world["corpus"] = {split: str(root / p) for split, p in world["corpus"].items()}
+    if "tokenizer" in world:
+        world["tokenizer"] = str(root / world["tokenizer"])
     return world
 
 
@@ -87,9 +119,12 @@ def load_world_tokenizer(root: str | Path):
 
 
 def decode_image(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.load()  # fail here on a truncated/corrupt file, not later
-    return img.convert("RGB")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # fail here on a truncated/corrupt file, not later
+        return img.convert("RGB")
+    except Exception as exn:  # noqa: BLE001 - PIL raises many kinds
+        raise SkipSample("bad_image", f"undecodable image ({type(exn).__name__}: {exn})") from exn
 
 
 def decode_sample(raw: dict) -> dict:
@@ -102,10 +137,18 @@ def decode_sample(raw: dict) -> dict:
         if ext in IMAGE_EXTS:
             out[k] = decode_image(v)
         elif ext == "txt":
-            out[k] = v.decode("utf-8")
+            try:
+                out[k] = v.decode("utf-8")
+            except UnicodeDecodeError as exn:
+                raise SkipSample("bad_text", f"txt is not UTF-8 ({exn})") from exn
         elif ext == "json":
-            out[k] = json.loads(v)
-        # anything else (pyd, pickle, npy, mp4 ...) is ignored: never unpickled
+            try:
+                out[k] = json.loads(v)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exn:
+                raise SkipSample("bad_json", f"malformed json ({exn})") from exn
+        elif ext in VIDEO_EXTS:
+            out[k] = None  # noted, never decoded: see sample_text_and_images
+        # anything else (pyd, pickle, pth, npy ...) is ignored: never unpickled
     return out
 
 
@@ -122,52 +165,94 @@ def image_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
     return (x - 0.5) / 0.5
 
 
-def sample_text_and_images(sample: dict) -> tuple[str, list[Image.Image]]:
-    """The text with ``<image>``/``<|endofchunk|>`` marks, and the images in the order they stand."""
+def _caption(sample: dict) -> str:
+    text = sample.get("txt")
+    if text is None:
+        raise SkipSample("missing_text", "an image or clip without a txt caption")
+    if not text.strip():
+        raise SkipSample("missing_text", "empty txt caption")
+    return text.strip()
+
+
+def _doc_image(sample: dict, info: dict) -> Image.Image:
+    name = info.get("image_name")
+    if name in sample and isinstance(sample[name], Image.Image):
+        return sample[name]
+    if info.get("image_base64"):  # MMC4 as open_flamingo stores it: the image inside the json
+        try:
+            return decode_image(base64.b64decode(info["image_base64"], validate=True))
+        except (binascii.Error, ValueError) as exn:
+            raise SkipSample("bad_image", f"image_base64 of {name!r} is not base64") from exn
+    raise SkipSample("bad_layout", f"image {name!r} named in image_info is not in the sample")
+
+
+def sample_text_and_images(sample: dict) -> tuple[str, list[list[Image.Image]]]:
+    """The text with ``<image>``/``<|endofchunk|>`` marks, and per ``<image>`` its frames (one for a still)."""
     meta = sample.get("json")
     if isinstance(meta, dict) and "text_list" in meta:
         text_list = meta["text_list"]
-        infos = sorted(
-            enumerate(meta.get("image_info", [])), key=lambda t: (t[1]["matched_text_index"], t[0])
-        )
+        if not isinstance(text_list, list) or not any(isinstance(t, str) and t.strip() for t in text_list):
+            raise SkipSample("missing_text", "a document with no text")
+        infos = meta.get("image_info") or []
+        if not isinstance(infos, list):
+            raise SkipSample("bad_json", "image_info is not a list")
+        try:
+            infos = sorted(enumerate(infos), key=lambda t: (int(t[1]["matched_text_index"]), t[0]))
+        except (KeyError, TypeError, ValueError) as exn:
+            raise SkipSample("bad_json", f"image_info entry without a matched_text_index ({exn})") from exn
         before: dict[int, int] = {}
         images = []
         for _, info in infos:
-            i = info["matched_text_index"]
+            i = int(info["matched_text_index"])
             if not 0 <= i < len(text_list):
-                raise ValueError(f"matched_text_index {i} outside text_list of {len(text_list)}")
-            name = info["image_name"]
-            if name not in sample:
-                raise KeyError(f"image {name!r} named in image_info is not in the sample")
+                raise SkipSample("bad_layout", f"matched_text_index {i} outside text_list of {len(text_list)}")
             before[i] = before.get(i, 0) + 1
-            images.append(sample[name])
+            images.append([_doc_image(sample, info)])
         text = ""
         for i, sentence in enumerate(text_list):
             for _ in range(before.get(i, 0)):
                 # <EOC> closes the previous image's text (the first image has none to close)
                 text += (EOC_TOKEN + MEDIA_TOKEN) if MEDIA_TOKEN in text else MEDIA_TOKEN
+            sentence = str(sentence)
             text += sentence if not text or text.endswith(MEDIA_TOKEN) else " " + sentence
         if images:
             text += EOC_TOKEN
         return text, images
+    frames = sorted(((int(m.group(1)), k) for k in sample if (m := _FRAME.match(k))))
+    if frames:  # a video clip: frames 0.png, 1.png ... and one caption
+        return f"{MEDIA_TOKEN}{_caption(sample)}{EOC_TOKEN}", [[sample[k] for _, k in frames]]
     for ext in IMAGE_EXTS:
         if ext in sample:
-            if "txt" not in sample:
-                raise KeyError("a pair sample has an image but no txt caption")
-            return f"{MEDIA_TOKEN}{sample['txt']}{EOC_TOKEN}", [sample[ext]]
-    raise KeyError(f"neither a pair (image + txt) nor a doc (json with text_list): members {sorted(sample)}")
+            return f"{MEDIA_TOKEN}{_caption(sample)}{EOC_TOKEN}", [[sample[ext]]]
+    if any(k.rsplit(".", 1)[-1].lower() in VIDEO_EXTS for k in sample):
+        raise SkipSample("unsupported_video", "encoded video is not decoded: store frames as 0.jpg, 1.jpg, ...")
+    if "json" in sample and not isinstance(meta, dict):
+        raise SkipSample("bad_json", "json is not an object")
+    raise SkipSample("bad_layout", f"neither a pair, a doc nor a clip: members {sorted(sample)}")
+
+
+def frame_indices(n_available: int, frames: int, stride: int) -> list[int]:
+    """``frames`` indices every ``stride``-th from the first; the last frame repeats if the clip is short."""
+    return [min(i * stride, n_available - 1) for i in range(frames)]
 
 
 class Tokenise:
-    """Turn a decoded sample into fixed-shape tensors (a picklable callable for DataLoader workers)."""
+    """Turn a decoded sample into fixed-shape tensors (a picklable callable for DataLoader workers).
 
-    def __init__(self, tokenizer, *, seq_len: int, max_images: int, image_size: int):
-        if seq_len < 2 or max_images < 1 or image_size < 1:
+    ``max_images`` image slots of ``frames`` frames each; a document with more images than slots is
+    cut before the first image without a slot; one with more than ``max_doc_images`` is skipped.
+    """
+
+    def __init__(self, tokenizer, *, seq_len: int, max_images: int, image_size: int, frames: int = 1,
+                 frame_stride: int = 1, max_doc_images: int | None = None):
+        if seq_len < 2 or max_images < 1 or image_size < 1 or frames < 1 or frame_stride < 1:
             raise ValueError(
-                f"need seq_len >= 2, max_images >= 1, image_size >= 1; got {seq_len}, {max_images}, {image_size}"
+                "need seq_len >= 2, max_images >= 1, image_size >= 1, frames >= 1, frame_stride >= 1; got "
+                f"{seq_len}, {max_images}, {image_size}, {frames}, {frame_stride}"
             )
         self.tokenizer = tokenizer
         self.seq_len, self.max_images, self.image_size = seq_len, max_images, image_size
+        self.frames, self.frame_stride, self.max_doc_images = frames, frame_stride, max_doc_images
         self.media_id = self._special_id(MEDIA_TOKEN)
         self.eoc_id = self._special_id(EOC_TOKEN)
         self.bos_id = tokenizer.bos_token_id
@@ -187,6 +272,8 @@ class Tokenise:
 
     def __call__(self, sample: dict, source: str) -> dict:
         text, images = sample_text_and_images(sample)
+        if self.max_doc_images is not None and len(images) > self.max_doc_images:
+            raise SkipSample("too_many_images", f"{len(images)} images, more than max_doc_images={self.max_doc_images}")
         ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
         if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
@@ -194,7 +281,7 @@ class Tokenise:
             ids.append(self.eos_id)
         media_pos = [p for p, t in enumerate(ids) if t == self.media_id]
         if len(media_pos) != len(images):
-            raise ValueError(f"text holds {len(media_pos)} {MEDIA_TOKEN} tokens for {len(images)} images")
+            raise SkipSample("bad_layout", f"text holds {len(media_pos)} {MEDIA_TOKEN} tokens for {len(images)} images")
         if len(media_pos) > self.max_images:  # no slot for the next image: cut the text before it
             ids = ids[: media_pos[self.max_images]]
         ids = ids[: self.seq_len]
@@ -207,9 +294,12 @@ class Tokenise:
         labels = input_ids.clone()
         labels[attention_mask == 0] = IGNORE_INDEX
         labels[input_ids == self.media_id] = IGNORE_INDEX
-        pixels = torch.zeros(self.max_images, 1, 3, self.image_size, self.image_size)  # (T_img, F, C, H, W)
+        F = self.frames
+        pixels = torch.zeros(self.max_images, F, 3, self.image_size, self.image_size)  # (T_img, F, C, H, W)
         for i in range(n_images):
-            pixels[i, 0] = image_to_tensor(images[i], self.image_size)
+            clip = images[i]
+            for f, j in enumerate(frame_indices(len(clip), F, self.frame_stride)):
+                pixels[i, f] = image_to_tensor(clip[j], self.image_size)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -277,18 +367,38 @@ def _shuffle(src: Iterable, bufsize: int, seed: int) -> Iterator:
 
 
 class SkipCounter:
-    """Counts samples skipped in this process (each DataLoader worker has its own copy)."""
+    """Counts samples skipped in this process per reason (each DataLoader worker has its own copy)."""
 
-    def __init__(self):
-        self.count = 0
+    def __init__(self, source: str = "?"):
+        self.source = source
+        self.by_reason: Counter = Counter()
+        self.pending: Counter = Counter()  # not yet reported with a sample
 
-    def skip(self, what: str, exn: BaseException) -> None:
-        self.count += 1
+    @property
+    def count(self) -> int:
+        return sum(self.by_reason.values())
+
+    def skip(self, what: str, exn: BaseException, reason: str | None = None) -> None:
+        reason = reason or getattr(exn, "reason", None) or "bad_layout"
+        self.by_reason[reason] += 1
+        self.pending[reason] += 1
         rank, _, worker, _ = _node_and_worker()
         log.warning(
-            "skipped %s (%s: %s); %d skipped so far in rank %d worker %d",
-            what, type(exn).__name__, exn, self.count, rank, worker,
+            "skipped %s of %r (%s: %s: %s); %d skipped so far in rank %d worker %d",
+            what, self.source, reason, type(exn).__name__, exn, self.count, rank, worker,
         )
+
+    def take_pending(self) -> torch.Tensor:
+        """Counts per reason (in :data:`SKIP_REASONS` order) since the last call, as a (R,) tensor."""
+        out = torch.tensor([self.pending[r] for r in SKIP_REASONS], dtype=torch.long)
+        self.pending.clear()
+        return out
+
+
+def skip_tensor_to_dict(counts: torch.Tensor) -> dict[str, int]:
+    """A ``skipped`` tensor (..., R) summed into {reason: count} (reasons with 0 left out)."""
+    totals = counts.reshape(-1, len(SKIP_REASONS)).sum(0).tolist()
+    return {r: int(n) for r, n in zip(SKIP_REASONS, totals) if n}
 
 
 class SourceStream(IterableDataset):
@@ -308,10 +418,10 @@ class SourceStream(IterableDataset):
         self.source, self.tokenise = source, tokenise
         self.shards = _ShardList(urls, source=source, shuffle=shuffle, repeat=repeat, seed=seed)
         self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, shuffle_buffer
-        self.skipped = SkipCounter()
+        self.skipped = SkipCounter(source)
 
     def _handler(self, exn: BaseException) -> bool:
-        self.skipped.skip(f"a tar member or shard of {self.source!r} ({exn.args[-1:]})", exn)
+        self.skipped.skip(f"a tar member or shard ({exn.args[-1:]})", exn, "corrupt_tar")
         return True  # keep going
 
     def __iter__(self) -> Iterator[dict]:
@@ -326,6 +436,7 @@ class SourceStream(IterableDataset):
                 self.skipped.skip(f"sample {key}", exn)
                 continue
             out["__key__"] = sample.get("__key__", "")
+            out["skipped"] = self.skipped.take_pending()
             yield out
 
 
@@ -335,7 +446,8 @@ class SourceStream(IterableDataset):
 
 
 class MixtureDataset(IterableDataset):
-    """Infinite: each sample comes from a source drawn with probability proportional to its weight."""
+    """Infinite: each sample comes from a source drawn with probability proportional to its weight
+    (one stream, one shape; the training DataModule instead gives each source its own loader)."""
 
     def __init__(self, streams: dict[str, SourceStream], weights: dict[str, float], seed: int):
         self.streams, self.weights, self.seed = streams, weights, seed
@@ -369,6 +481,9 @@ class ConcatDataset(IterableDataset):
     def skipped(self) -> int:
         return sum(s.skipped.count for s in self.streams.values())
 
+    def skip_counts(self) -> dict[str, dict[str, int]]:
+        return {n: dict(s.skipped.by_reason) for n, s in self.streams.items()}
+
     def __iter__(self) -> Iterator[dict]:
         for name in sorted(self.streams):
             yield from self.streams[name]
@@ -376,7 +491,7 @@ class ConcatDataset(IterableDataset):
 
 def _check_shards(shards: dict[str, list[str]]) -> None:
     if not shards:
-        raise ValueError("no sources given: pass shards={'pairs': [...], 'docs': [...]}")
+        raise ValueError("no sources given: pass shards={'m3w': [...], 'ltip': [...]}")
     for name, urls in shards.items():
         if isinstance(urls, (str, Path)):
             raise TypeError(f"shards[{name!r}] must be a list of shard paths, got a single {type(urls).__name__}")
@@ -384,18 +499,27 @@ def _check_shards(shards: dict[str, list[str]]) -> None:
             raise ValueError(f"source {name!r} has an empty shard list")
 
 
+def make_source_stream(urls: list[str], tokenizer, *, source: str, train: bool, seed: int = 0,
+                       shuffle_buffer: int = 500, **shape) -> SourceStream:
+    """One source's stream: infinite and shuffled (``train``) or every sample once, in order.
+
+    ``shape``: seq_len, max_images, image_size and optionally frames, frame_stride, max_doc_images.
+    """
+    _check_shards({source: urls})
+    return SourceStream(list(urls), Tokenise(tokenizer, **shape), source=source, shuffle=train, repeat=train,
+                        seed=seed, shuffle_buffer=shuffle_buffer)
+
+
 def make_train_dataset(
     shards: dict[str, list[str]],
     weights: dict[str, float],
     tokenizer,
     *,
-    seq_len: int,
-    max_images: int,
-    image_size: int,
     seed: int,
     shuffle_buffer: int = 500,
+    **shape,
 ) -> MixtureDataset:
-    """Infinite, shuffled (seeded) mixture of sources; sources with weight 0 are left out."""
+    """Infinite, shuffled (seeded) mixture of sources at one shape; sources with weight 0 are left out."""
     _check_shards(shards)
     missing = sorted(set(weights) - set(shards))
     unweighted = sorted(set(shards) - set(weights))
@@ -406,7 +530,7 @@ def make_train_dataset(
         )
     if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
         raise ValueError(f"weights must be >= 0 with at least one > 0; got {weights}")
-    tok = Tokenise(tokenizer, seq_len=seq_len, max_images=max_images, image_size=image_size)
+    tok = Tokenise(tokenizer, **shape)
     streams = {
         name: SourceStream(
             list(urls), tok, source=name, shuffle=True, repeat=True, seed=seed + 7919 * i,
@@ -418,17 +542,10 @@ def make_train_dataset(
     return MixtureDataset(streams, {n: float(weights[n]) for n in streams}, seed)
 
 
-def make_eval_dataset(
-    shards: dict[str, list[str]],
-    tokenizer,
-    *,
-    seq_len: int,
-    max_images: int,
-    image_size: int,
-) -> ConcatDataset:
+def make_eval_dataset(shards: dict[str, list[str]], tokenizer, **shape) -> ConcatDataset:
     """Finite, unshuffled: every sample once (across nodes and workers), sources in name order."""
     _check_shards(shards)
-    tok = Tokenise(tokenizer, seq_len=seq_len, max_images=max_images, image_size=image_size)
+    tok = Tokenise(tokenizer, **shape)
     streams = {
         name: SourceStream(list(urls), tok, source=name, shuffle=False, repeat=False)
         for name, urls in sorted(shards.items())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from . import resampler as _resampler  # noqa: F401  (fills the resampler registry)
 from . import xattn as _xattn  # noqa: F401  (fills the xattn registry)
 from .config import (
@@ -17,6 +19,7 @@ from .config import (
     list_xattn,
 )
 from .flamingo import Flamingo
+from .presets import PAPER_COUNTS, PRESETS, TABLE3_PARAMS
 from .lm import load_tokenizer as _load_tokenizer
 from .lm import xattn_layer_indices
 
@@ -51,6 +54,7 @@ def _plain(v: Any) -> Any:
 def build_flamingo(cfg: Any = None, **parts: Any) -> Flamingo:
     """Build Flamingo from a FlamingoConfig, a plain dict or an OmegaConf DictConfig.
 
+    ``cfg.init_device`` (e.g. ``meta``, set by the paper-scale presets) is the device it is built on.
     ``build_flamingo(vision=..., lm=...)`` also works, so the `model` node may carry
     ``_target_: flamingo_lab.models.build_flamingo``. Deterministic given ``torch.manual_seed``.
     """
@@ -58,7 +62,11 @@ def build_flamingo(cfg: Any = None, **parts: Any) -> Flamingo:
         cfg = parts
     elif parts:
         raise TypeError("give either a config or keyword parts, not both")
-    return Flamingo(_to_config(cfg))
+    config = _to_config(cfg)
+    if config.init_device is None:
+        return Flamingo(config)
+    with torch.device(config.init_device):  # 'meta' (paper-scale presets): shapes only, no memory
+        return Flamingo(config)
 
 
 def load_tokenizer(lm_cfg: Any):
@@ -77,6 +85,9 @@ __all__ = [
     "XAttnConfig",
     "build_flamingo",
     "list_resamplers",
+    "PAPER_COUNTS",
+    "PRESETS",
+    "TABLE3_PARAMS",
     "list_vision_encoders",
     "list_xattn",
     "load_tokenizer",

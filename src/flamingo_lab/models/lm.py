@@ -27,9 +27,12 @@ def load_tokenizer(cfg: LMConfig):
     from transformers import AutoTokenizer
 
     path = cfg.tokenizer_path
+    if path is None and cfg.path is None and isinstance(cfg.arch, dict) and cfg.arch.get("vocab_size"):
+        return StandInTokenizer(int(cfg.arch["vocab_size"]))
     if path is None:
         raise ValueError("set lm.tokenizer (or lm.path) to a local tokenizer folder; "
-                         "the LM's vocabulary and Flamingo's special tokens come from it")
+                         "the LM's vocabulary and Flamingo's special tokens come from it "
+                         "(or set lm.arch.vocab_size for a stand-in vocabulary, to count parameters)")
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
     if missing:
@@ -37,6 +40,47 @@ def load_tokenizer(cfg: LMConfig):
     if tok.pad_token is None:  # batching needs one; Flamingo's <|endofchunk|> is never padding
         tok.pad_token = tok.eos_token if tok.eos_token is not None else EOC_TOKEN
     return tok
+
+
+class StandInTokenizer:
+    """A vocabulary of ``vocab_size`` ids and no text: ``<image>`` and ``<|endofchunk|>`` are its last two ids.
+
+    For paper-scale presets (no tokenizer file needed) on the meta device: parameter counts, shapes.
+    It cannot encode text; give ``lm.tokenizer`` for that.
+    """
+
+    def __init__(self, vocab_size: int):
+        if vocab_size < 4:
+            raise ValueError(f"lm.arch.vocab_size must be >= 4; got {vocab_size}")
+        self.vocab_size = vocab_size
+        self._special = {MEDIA_TOKEN: vocab_size - 2, EOC_TOKEN: vocab_size - 1}
+        self.pad_token_id, self.bos_token_id, self.eos_token_id = 0, 1, 2
+        self.pad_token, self.eos_token = "<pad>", "</s>"
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def get_vocab(self) -> dict[str, int]:
+        return {"<pad>": 0, "<s>": 1, "</s>": 2, **self._special}
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self._special.get(token, self.get_vocab().get(token, 3))
+
+    def __call__(self, *args, **kwargs):
+        raise NotImplementedError("the stand-in vocabulary (lm.tokenizer=null) cannot encode text; "
+                                  "set lm.tokenizer to a local tokenizer folder")
+
+
+def reinitialise(lm: nn.Module) -> None:
+    """Re-draw every weight of a Hugging Face model with its own initialisation (train_from_scratch)."""
+    with torch.no_grad():
+        for module in lm.modules():
+            for p in module.parameters(recurse=False):
+                if hasattr(p, "_is_hf_initialized"):
+                    p._is_hf_initialized = False
+            lm._init_weights(module)
+    if hasattr(lm, "tie_weights"):
+        lm.tie_weights()
 
 
 def build_lm(cfg: LMConfig, tokenizer) -> nn.Module:
@@ -57,6 +101,8 @@ def build_lm(cfg: LMConfig, tokenizer) -> nn.Module:
         lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **arch))
     if lm.get_input_embeddings().num_embeddings < len(tokenizer):
         lm.resize_token_embeddings(len(tokenizer))  # special tokens were added to the tokenizer
+    if cfg.freeze == "train_from_scratch":
+        reinitialise(lm)  # same architecture, pretrained weights (if any) discarded
     return lm
 
 
@@ -124,6 +170,34 @@ class XAttnHook:
                              f"states {tuple(hidden.shape)}: with a KV cache, pass only the new tokens and "
                              "media_offset (the images seen before them)")
         return self.block(hidden, self.media, self.text_to_media)
+
+
+class GraftHook:
+    """Forward pre-hook on the LM's output head (grafting): hidden <- stack(hidden, media, text_to_media).
+
+    The LM's own layers run unchanged; the grafted stack sits between its final hidden states and the
+    output head. Unarmed (a bare ``model.lm(...)`` call), it does nothing.
+    """
+
+    def __init__(self, layers: nn.ModuleList):
+        self.layers = layers
+        self.armed = False
+        self.media: torch.Tensor | None = None
+        self.text_to_media: torch.Tensor | None = None
+        self.attention_mask: torch.Tensor | None = None
+
+    def __call__(self, module, args):
+        if not self.armed:
+            return None
+        from .xattn import run_graft_stack
+
+        hidden = args[0]  # (B, L, D)
+        if hidden.shape[:2] != self.text_to_media.shape:
+            raise ValueError(f"the grafted stack got hidden states {tuple(hidden.shape)} for text of shape "
+                             f"{tuple(self.text_to_media.shape)}: it needs the whole sequence (no KV cache, "
+                             "all logits)")
+        return (run_graft_stack(self.layers, hidden, self.media, self.text_to_media, self.attention_mask),
+                *args[1:])
 
 
 # ---------------------------------------------------------------- special-token rows

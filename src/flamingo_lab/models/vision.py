@@ -12,9 +12,13 @@ from .config import VISION_ENCODERS, VisionConfig
 
 
 def create_timm_model(cfg: VisionConfig) -> nn.Module:
-    """The timm model of ``cfg`` without its classifier head, never pretrained from the hub."""
+    """The timm model of ``cfg`` without its classifier head, never pretrained from the hub.
+
+    A registered name gives its ``cfg.size`` member ('full': the real architecture, 'small': a small
+    model of the same family); weights only ever come from ``cfg.checkpoint``.
+    """
     if cfg.name in VISION_ENCODERS:
-        timm_name, defaults = VISION_ENCODERS[cfg.name]
+        timm_name, defaults = VISION_ENCODERS[cfg.name][cfg.size]
         kwargs = {k: (cfg.image_size if v == "{image_size}" else v) for k, v in defaults.items()}
     else:
         timm_name, kwargs = cfg.name, {}

@@ -9,16 +9,23 @@ import lightning.pytorch as pl
 
 
 class StepTimer(pl.Callback):
-    """Wall time of each optimiser update (all micro-batches of an accumulation, data loading included).
+    """Wall time of one update over all training sources (the paper's step time), data loading included.
 
-    The first ``skip`` updates are left out of the mean: they pay one-off warm-up (new shapes, workers).
+    With ``data.optimisation=accumulate`` every optimiser step sees every source, so a step is one
+    optimiser step. With ``round_robin`` each optimiser step sees one source, so a step is the
+    ``S`` consecutive optimiser steps that see every source once (``datamodule.updates_per_cycle``).
+    The first ``skip`` measured steps are left out of the mean: they pay one-off warm-up.
     """
 
     def __init__(self, skip: int = 3):
         self.skip = skip
         self.times: list[float] = []
+        self.updates_per_step = 1
         self._last_step = None
         self._mark = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.updates_per_step = max(1, int(getattr(trainer.datamodule, "updates_per_cycle", 1) or 1))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._mark is None:
@@ -26,7 +33,7 @@ class StepTimer(pl.Callback):
             self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step != self._last_step:  # an optimiser step happened in this batch
+        if trainer.global_step - self._last_step >= self.updates_per_step:  # every source updated once
             now = time.perf_counter()
             self.times.append(now - self._mark)
             self._mark, self._last_step = now, trainer.global_step

@@ -1,20 +1,33 @@
-"""LightningDataModule over the WebDataset shards of a world folder (see `flamingo-data`)."""
+"""LightningDataModule over the WebDataset shards of a world folder (see `flamingo-data`) or real shards.
+
+Training: one infinite, seeded loader per source (its own batch size, sequence length, image slots
+and frames), combined as ``data.optimisation`` says (flamingo_lab.data.mixture): ``accumulate``
+gives the training step ``{source: batch}`` for every source at every step, ``round_robin`` one
+source per step in turn. Validation: the sources' finite loaders interleaved batch by batch
+(``data.val_batches`` batches in all).
+
+Skipped samples are counted per source and per reason from the batches (the counts made in
+DataLoader workers travel with them): :meth:`FlamingoDataModule.skip_counts` returns them for
+results.json, and a source that skips more than ``data.max_skip_share`` of its samples stops the run.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
-from flamingo_lab.data.shards import load_world, make_eval_dataset, make_train_dataset
+from flamingo_lab.data.mixture import Interleave, RoundRobin, SkipTally, optimisation, source_specs
+from flamingo_lab.data.shards import load_world, make_source_stream
 from flamingo_lab.models import load_tokenizer
 
 
 class FlamingoDataModule(pl.LightningDataModule):
-    """Mixed training stream (infinite, seeded) and a finite validation pass, both at fixed shapes.
+    """Per-source training loaders (infinite, seeded) and a finite validation pass, all at fixed shapes.
 
-    The training stream is re-seeded with the global step at which it starts, so a resumed run
+    The training streams are re-seeded with the global step at which they start, so a resumed run
     continues on fresh samples instead of replaying the ones it has already seen.
     """
 
@@ -22,8 +35,30 @@ class FlamingoDataModule(pl.LightningDataModule):
         super().__init__()
         self.cfg = cfg
         self.data = cfg["data"]
+        self.specs = source_specs(self.data)
+        self.mode = optimisation(self.data)
         self.tokenizer = None
         self.world = None
+        self.tally = SkipTally(self.specs, self.data.get("max_skip_share"), int(self.data.get("skip_min_samples", 200)))
+
+    # -- what other parts read --------------------------------------------------------------
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self.specs)
+
+    @property
+    def updates_per_cycle(self) -> int:
+        """Optimiser updates that see every source once: 1 (accumulate) or S (round robin)."""
+        return len(self.specs) if self.mode == "round_robin" else 1
+
+    def skip_counts(self) -> dict:
+        """Training samples delivered and skipped, per source and per reason (this process), for results.json:
+        ``{"per_source": {src: {"seen", "skipped": {reason: n}, "skipped_total", "share"}}, "skipped_total",
+        "seen_total", "max_share"}``."""
+        return self.tally.as_dict()
+
+    # -- set-up -------------------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
         if self.world is None:
@@ -31,43 +66,65 @@ class FlamingoDataModule(pl.LightningDataModule):
             self.tokenizer = load_tokenizer(self.cfg["model"]["lm"])
 
     def _shards(self, split: str) -> dict[str, list[str]]:
-        available = self.world["shards"][split]
-        unknown = sorted(set(self.data["sources"]) - set(available))
+        available = self.world.get("shards", {}).get(split, {})
+        unknown = sorted(set(self.specs) - set(available))
         if unknown:
             raise ValueError(
-                f"data.sources names {unknown}, which the world at {self.data['root']} does not have; "
-                f"valid sources: {sorted(available)}"
+                f"data.sources names {unknown}, which the world at {self.data['root']} does not have in its "
+                f"{split} split; valid sources: {sorted(available)}"
             )
-        return {s: list(available[s]) for s in self.data["sources"]}
+        return {s: list(available[s]) for s in self.specs}
 
-    def _shape(self) -> dict[str, int]:
-        return dict(
-            seq_len=int(self.data["seq_len"]),
-            max_images=int(self.data["max_images"]),
-            image_size=int(self.cfg["model"]["vision"]["image_size"]),
-        )
+    def _stream(self, source: str, urls: list[str], train: bool, seed: int = 0):
+        spec = self.specs[source]
+        shape = {k: spec[k] for k in ("seq_len", "max_images", "frames", "frame_stride", "max_doc_images")}
+        return make_source_stream(urls, self.tokenizer, source=source, train=train, seed=seed,
+                                  image_size=int(self.cfg["model"]["vision"]["image_size"]),
+                                  shuffle_buffer=int(self.data.get("shuffle_buffer", 500)), **shape)
 
-    def _loader(self, dataset, shuffle_workers: bool) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, persistent: bool) -> DataLoader:
         workers = int(self.data["num_workers"])
         return DataLoader(
             dataset,
-            batch_size=int(self.data["batch_size"]),
+            batch_size=batch_size,
             num_workers=workers,
-            persistent_workers=workers > 0 and shuffle_workers,
+            persistent_workers=workers > 0 and persistent,
             drop_last=True,  # fixed batch shape
         )
 
-    def train_dataloader(self) -> DataLoader:
-        start_step = self.trainer.global_step if self.trainer is not None else 0
-        dataset = make_train_dataset(
-            self._shards("train"),
-            {s: float(w) for s, w in self.data["sources"].items()},
-            self.tokenizer,
-            seed=int(self.cfg["seed"]) * 1_000_003 + start_step,
-            **self._shape(),
-        )
-        return self._loader(dataset, shuffle_workers=True)
+    def train_loaders(self, start_step: int = 0) -> dict[str, DataLoader]:
+        """One infinite loader per source, seeded by (seed, source, start step)."""
+        shards = self._shards("train")
+        base = int(self.cfg["seed"]) * 1_000_003 + start_step
+        return {
+            s: self._loader(self._stream(s, shards[s], True, seed=base + 7919 * i), self.specs[s]["batch_size"], True)
+            for i, s in enumerate(self.specs)
+        }
 
-    def val_dataloader(self) -> DataLoader:
-        dataset = make_eval_dataset(self._shards("val"), self.tokenizer, **self._shape())
-        return self._loader(dataset, shuffle_workers=False)
+    def train_dataloader(self):
+        start_step = self.trainer.global_step if self.trainer is not None else 0
+        loaders = self.train_loaders(start_step)
+        if self.mode == "round_robin":
+            return RoundRobin(loaders)
+        return CombinedLoader(loaders, mode="max_size_cycle")  # all infinite: one batch of each per step
+
+    def val_dataloader(self):
+        shards = self._shards("val")
+        return Interleave({s: self._loader(self._stream(s, shards[s], False), self.specs[s]["batch_size"], False)
+                           for s in self.specs})
+
+    # -- skip accounting --------------------------------------------------------------------
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        training = self.trainer is not None and self.trainer.training
+        if isinstance(batch, dict) and "input_ids" not in batch:  # {source: batch}
+            for source, b in batch.items():
+                if training:
+                    self.tally.add(source, b)
+                else:
+                    b.pop("skipped", None)
+            if training:
+                self.tally.check()
+        elif isinstance(batch, dict):
+            batch.pop("skipped", None)
+        return batch

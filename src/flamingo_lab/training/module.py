@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from flamingo_lab.data.mixture import loss_scale
 from flamingo_lab.models import build_flamingo
 from flamingo_lab.training.optim import parameter_groups
 
@@ -28,15 +29,39 @@ class FlamingoModule(pl.LightningModule):
             labels=batch["labels"],
         )
 
+    @staticmethod
+    def _per_source(batch) -> dict[str, dict]:
+        """``{source: batch}`` from the training loaders; a single batch counts as one source."""
+        if isinstance(batch, dict) and "input_ids" in batch:
+            return {"data": batch}
+        return dict(batch)
+
     def training_step(self, batch, batch_idx):
-        loss = self(batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        """Weighted sum of the per-source losses (data.optimisation: all sources, or one in turn)."""
+        scale = self._loss_scale
+        loss = None
+        for source, b in self._per_source(batch).items():
+            loss_s = self(b).loss
+            self.log(f"train/loss_{source}", loss_s, batch_size=b["input_ids"].shape[0])
+            term = scale.get(source, 1.0) * loss_s
+            loss = term if loss is None else loss + term
+        self.log("train/loss", loss, prog_bar=True, batch_size=1)
         return loss
 
     def validation_step(self, batch, batch_idx):
+        source = batch["source"][0] if isinstance(batch.get("source"), (list, tuple)) else "data"
         loss = self(batch).loss
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        n = batch["input_ids"].shape[0]
+        self.log(f"val/loss_{source}", loss, sync_dist=True, batch_size=n)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)  # mean over every source's samples
         return loss
+
+    @property
+    def _loss_scale(self) -> dict[str, float]:
+        if not hasattr(self, "_scale_cache"):
+            data = self.cfg.get("data", {})
+            self._scale_cache = loss_scale(data) if data.get("sources") else {}
+        return self._scale_cache
 
     def configure_optimizers(self):
         optim = self.cfg["optim"]

@@ -2,35 +2,73 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+#: The parts, in the order their groups are returned.
+PARTS = ["resampler", "xattn", "gates", "lm", "embeddings"]
+
+#: Parameter-name prefix -> part (gates are found by ``model.gate_parameters()`` first).
+_PREFIXES = {"resampler.": "resampler", "xattn_layers.": "xattn", "lm.": "lm", "special_embeddings.": "embeddings"}
+
+
+def part_settings(optim: dict) -> dict[str, dict[str, float]]:
+    """``{part: {"lr_mult", "weight_decay"}}`` from ``optim.groups`` (missing entries: lr x1, the global decay).
+
+    Older configs without ``groups`` still work: ``resampler_weight_decay`` and ``gate_lr_mult``.
+    """
+    wd = float(optim["weight_decay"])
+    default = {part: {"lr_mult": 1.0, "weight_decay": wd} for part in PARTS}
+    default["resampler"]["weight_decay"] = float(optim.get("resampler_weight_decay", 0.0))  # paper: none
+    default["gates"] = {"lr_mult": float(optim.get("gate_lr_mult", 1.0)), "weight_decay": 0.0}
+    default["embeddings"]["weight_decay"] = 0.0
+    groups: dict[str, Any] = optim.get("groups") or {}
+    unknown = set(groups) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown optim.groups {sorted(unknown)}; valid parts are {PARTS}")
+    out = {}
+    for part in PARTS:
+        given = dict(groups.get(part) or {})
+        bad = set(given) - {"lr_mult", "weight_decay"}
+        if bad:
+            raise ValueError(f"unknown keys {sorted(bad)} in optim.groups.{part}; valid keys are lr_mult, weight_decay")
+        out[part] = {k: float(given.get(k, v)) for k, v in default[part].items()}
+    return out
+
+
+def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Biases, norms, gates, latents, time embeddings and embedding rows: never weight-decayed."""
+    return param.ndim < 2 or "embed" in name or "latents" in name or "time_emb" in name
 
 
 def parameter_groups(model: torch.nn.Module, optim: dict) -> list[dict]:
-    """AdamW groups per part, each with its own weight decay and learning rate.
+    """AdamW groups per part (resampler, xattn, gates, lm, embeddings), each split into decay / no decay.
 
-    - resampler: ``resampler_weight_decay`` (paper: none on the Perceiver Resampler);
-    - gates (the tanh alphas): no weight decay, learning rate x ``gate_lr_mult``;
-    - everything else trainable: ``weight_decay`` on matrices, none on biases, norms, latents,
-      time embeddings and the new token rows (1-D or 0-D tensors and embeddings).
+    Each part has ``lr = optim.lr * optim.groups.<part>.lr_mult`` and ``weight_decay =
+    optim.groups.<part>.weight_decay`` on its matrices (no decay on biases, norms, latents, time
+    embeddings and embedding rows: group ``<part>/no_decay``). Paper defaults (conf/train.yaml): no
+    weight decay on the resampler; the gates' lr multiplier 1 (``optim.gate_lr_mult``; short budgets
+    may want 10-20, as gates open slowly). Frozen parameters are left out.
     """
-    lr, wd = float(optim["lr"]), float(optim["weight_decay"])
-    groups: dict[str, dict] = {
-        "decay": {"params": [], "weight_decay": wd, "lr": lr},
-        "no_decay": {"params": [], "weight_decay": 0.0, "lr": lr},
-        "resampler": {"params": [], "weight_decay": float(optim["resampler_weight_decay"]), "lr": lr},
-        "gates": {"params": [], "weight_decay": 0.0, "lr": lr * float(optim["gate_lr_mult"])},
-    }
+    lr = float(optim["lr"])
+    settings = part_settings(optim)
     gate_params = {id(p) for p in getattr(model, "gate_parameters", lambda: [])()}
+    groups: dict[str, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         if id(param) in gate_params:
-            group = "gates"
-        elif name.startswith("resampler."):
-            group = "resampler"
-        elif param.ndim < 2 or "embed" in name or "latents" in name:
-            group = "no_decay"
+            part = "gates"
         else:
-            group = "decay"
-        groups[group]["params"].append(param)
-    return [dict(name=k, **g) for k, g in groups.items() if g["params"]]
+            part = next((p for prefix, p in _PREFIXES.items() if name.startswith(prefix)), None)
+            if part is None:
+                raise ValueError(f"trainable parameter '{name}' belongs to no optimiser part "
+                                 f"({sorted(_PREFIXES)}); freeze it or extend training/optim.py")
+        s = settings[part]
+        key = f"{part}/no_decay" if _no_decay(name, param) or part == "gates" else part
+        wd = 0.0 if key.endswith("/no_decay") else s["weight_decay"]
+        group = groups.setdefault(key, {"name": key, "params": [], "weight_decay": wd, "lr": lr * s["lr_mult"]})
+        group["params"].append(param)
+    order = {p: i for i, p in enumerate(PARTS)}
+    return sorted(groups.values(), key=lambda g: (order[g["name"].split("/")[0]], g["name"]))

@@ -96,20 +96,54 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "step_time_s": {"mean": timer.mean, "median": timer.median, "n": len(timer.times)},
         "loss": history.summary(),
         "gates": module.model.gate_values(),
+        "data": datamodule.skip_counts(),  # samples seen / skipped per source and reason (this rank)
         "wall_time_s": wall,
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count()},
         "config": container,
     }
     if trainer.is_global_zero:
+        evaluation = evaluate_at_end(module.model, cfg, run_dir)
+        if evaluation is not None:
+            results["eval"] = evaluation
+            results["metrics"] = evaluation["metrics"]
         if logger:
             summary = {"final/train_loss": results["loss"]["final"], "final/val_loss": results["loss"]["val"],
                        "final/step_time_s": timer.mean}
-            logger.experiment.summary.update({k: v for k, v in summary.items() if v is not None})
+            if evaluation is not None:
+                logger.log_metrics(evaluation["metrics"], step=trainer.global_step)
+                summary.update(evaluation["metrics"])
             results["wandb_dir"] = str(Path(logger.experiment.dir).parent)
+            # the whole results.json (less the config W&B already has), for flamingo_lab.analysis.load_wandb
+            summary["results"] = json.dumps({k: v for k, v in results.items() if k != "config"}, default=str)
+            logger.experiment.summary.update({k: v for k, v in summary.items() if v is not None})
             logger.experiment.finish()
         _write_json(run_dir / "results.json", results)
         log.info("results: %s", run_dir / "results.json")
     return results
+
+
+def evaluate_at_end(model, cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """Few-shot evaluation of the trained model on the world's tasks (``eval`` config group), or None.
+
+    Skipped (with a log line) when ``eval.at_end_of_training`` is false or the world has no tasks.
+    """
+    eval_cfg = cfg.get("eval")
+    if eval_cfg is None or not eval_cfg.get("at_end_of_training", True):
+        return None
+    from flamingo_lab.eval import evaluate_model, load_tasks
+
+    root = cfg.data.root
+    try:
+        has_tasks = bool(load_tasks(root))
+    except FileNotFoundError as e:
+        log.warning("no evaluation at the end of training: %s", e)
+        return None
+    if not has_tasks:
+        log.warning("no evaluation at the end of training: %s has no tasks (rewrite it with flamingo-data)", root)
+        return None
+    result = evaluate_model(model, root, OmegaConf.to_container(eval_cfg, resolve=True), out_dir=run_dir / "eval")
+    log.info("few-shot evaluation (%.0fs):\n%s", result["wall_time_s"], result["table"])
+    return result
 
 
 def _write_json(path: Path, content: dict) -> None:

@@ -1,0 +1,332 @@
+"""The few-shot harness: tasks x shots -> prompts -> fixed-shape batches -> decoding -> metrics -> Overall.
+
+``evaluate_model(model, root, cfg)`` is what ``flamingo-eval`` and the end of a training run call;
+``cfg`` is the ``eval`` config node (conf/eval/default.yaml) as a dict.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from flamingo_lab.data.shards import image_to_tensor
+from flamingo_lab.data.tokenizer import EOC_TOKEN
+from flamingo_lab.models.generation import continuation_logprobs, generate
+
+from . import metrics as M
+from .prompts import Prompt, SupportSampler, build_prompt, target_text, templates_for, vision_features
+from .tasks import Item, Task, is_embedded_world, load_tasks, read_items
+
+log = logging.getLogger(__name__)
+
+PAPER_REFERENCES = {"coco": 143.3, "okvqa": 54.4, "vqav2": 80.2, "msvdqa": 47.9, "vatex": 76.3}
+DEV_TASKS = tuple(PAPER_REFERENCES)
+
+
+# ---------------------------------------------------------------- fixed shapes
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= n (beyond the largest: the next multiple of it)."""
+    for b in sorted(buckets):
+        if n <= b:
+            return b
+    top = max(buckets)
+    return top * math.ceil(n / top)
+
+
+def tokenize_prompt(tokenizer, text: str) -> list[int]:
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def make_batch(rows: Sequence[tuple[list[int], list[list]]], *, batch_size: int, length_buckets: Sequence[int],
+               image_buckets: Sequence[int], frames: int, image_size: int, pad_id: int,
+               extra_masks: Sequence[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Left-pad ``rows`` (token ids, images per ``<image>``) to a bucketed shape and a fixed batch size.
+
+    Returns ``input_ids``/``attention_mask`` ``(batch_size, L_bucket)``, ``images``
+    ``(batch_size, T_bucket, F, C, H, W)``, ``n_real`` (rows beyond it repeat the last one) and, when
+    ``extra_masks`` is given, ``continuation_mask`` aligned like ``input_ids``.
+    """
+    if not rows:
+        raise ValueError("an empty batch")
+    n_real = len(rows)
+    rows = list(rows) + [rows[-1]] * (batch_size - n_real)
+    masks = list(extra_masks) + [extra_masks[-1]] * (batch_size - n_real) if extra_masks is not None else None
+    L = bucket(max(len(ids) for ids, _ in rows), length_buckets)
+    T = bucket(max(max(len(imgs) for _, imgs in rows), 1), image_buckets)
+    input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), L), dtype=torch.long)
+    cont = torch.zeros((len(rows), L), dtype=torch.long)
+    images = torch.zeros(len(rows), T, frames, 3, image_size, image_size)  # (B, T_img, F, C, H, W)
+    for r, (ids, imgs) in enumerate(rows):
+        input_ids[r, L - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[r, L - len(ids):] = 1
+        if masks is not None:
+            cont[r, L - len(ids):] = torch.tensor(masks[r], dtype=torch.long)
+        for t, clip in enumerate(imgs):
+            for f, frame in enumerate(clip):
+                images[r, t, f] = image_to_tensor(frame, image_size)
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "images": images, "n_real": n_real}
+    if masks is not None:
+        out["continuation_mask"] = cont
+    return out
+
+
+# ---------------------------------------------------------------- one task at one k
+
+
+def _decoding(cfg: Mapping, task: Task) -> dict:
+    dec = dict(cfg["decoding"].get(task.kind, {}))
+    dec.update(cfg.get("task_decoding", {}).get(task.name, {}) or {})
+    return dec
+
+
+def _classes(task: Task, support: list[Item], test: list[Item]) -> list[str]:
+    if task.classes:
+        return list(task.classes)
+    seen: dict[str, None] = {}
+    for it in support + test:
+        seen.setdefault(target_text(task, it), None)
+    return list(seen)
+
+
+def _score(task: Task, items: list[Item], preds: list[str]) -> float:
+    if task.metric == "cider":
+        return M.cider_score({str(i): p for i, p in enumerate(preds)}, {str(i): it.captions for i, it in enumerate(items)})
+    if task.metric == "vqa_accuracy":
+        return M.vqa_score(preds, [it.answers for it in items])
+    return M.top1_score(preds, [it.answers[0] for it in items])
+
+
+def oracle_score(task: Task, items: list[Item]) -> float:
+    """The score of an oracle that answers with the ground truth (first caption / most common human
+    answer / the accepted answer) on the same items through the same metric: the ceiling."""
+    return _score(task, items, [target_text(task, it) for it in items])
+
+
+class TaskEvaluator:
+    """Evaluates one task at any k with one model (support features computed once)."""
+
+    def __init__(self, model, task: Task, cfg: Mapping, *, progress: bool = True):
+        self.model, self.task, self.cfg, self.progress = model, task, cfg, progress
+        self.tokenizer = model.tokenizer
+        self.image_size = int(model.cfg.vision.image_size)
+        self.device = next(model.parameters()).device
+        self.test = read_items(task.test, task.frames, cfg.get("max_items"))
+        self.support = read_items(task.support, task.frames, cfg.get("max_support")) if task.support else []
+        self.template = templates_for(cfg["prompts"], task)
+        self.decoding = _decoding(cfg, task)
+        method = cfg.get("support", "random")
+        feats = None
+        if method == "rices" and self.support:
+            feats = vision_features(model, self.support, self.image_size)
+            self.query_features = vision_features(model, self.test, self.image_size)
+        self.sampler = SupportSampler(task, self.support, method=method, seed=int(cfg.get("seed", 0)), features=feats)
+
+    def prompts(self, k: int) -> list[Prompt]:
+        out = []
+        for i, q in enumerate(self.test):
+            qf = self.query_features[i] if self.sampler.method == "rices" and self.support else None
+            if k == 0:  # the paper's 0-shot: two text-only examples, then the query
+                n_text = int(self.cfg.get("zero_shot_text_examples", 2))
+                shots = self.sampler.sample(q, n_text, None)
+                out.append(build_prompt(self.template, self.task, shots, q, text_only=True))
+            else:
+                shots = self.sampler.sample(q, k, qf)
+                out.append(build_prompt(self.template, self.task, shots, q))
+        return out
+
+    def _batch(self, rows, masks=None):
+        b = make_batch(rows, batch_size=int(self.cfg["batch_size"]), length_buckets=self.cfg["buckets"]["length"],
+                       image_buckets=self.cfg["buckets"]["images"], frames=self.task.frames,
+                       image_size=self.image_size, pad_id=self.tokenizer.pad_token_id, extra_masks=masks)
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()}
+
+    def _chunks(self, n_rows: int, lengths: list[int]):
+        order = sorted(range(n_rows), key=lambda i: lengths[i])  # similar lengths together: fewer buckets
+        bs = int(self.cfg["batch_size"])
+        return [order[i:i + bs] for i in range(0, n_rows, bs)]
+
+    def generate_answers(self, prompts: list[Prompt], desc: str) -> list[str]:
+        ids = [tokenize_prompt(self.tokenizer, p.text) for p in prompts]
+        preds: list[str] = [""] * len(prompts)
+        eoc = self.model.eoc_token_id
+        for chunk in tqdm(self._chunks(len(prompts), [len(x) for x in ids]), desc=desc, disable=not self.progress,
+                          leave=False):
+            batch = self._batch([(ids[i], prompts[i].images) for i in chunk])
+            out = generate(self.model, batch["input_ids"], images=batch["images"],
+                           attention_mask=batch["attention_mask"],
+                           max_new_tokens=int(self.decoding.get("max_new_tokens", 20)),
+                           num_beams=int(self.decoding.get("num_beams", 1)),
+                           length_penalty=float(self.decoding.get("length_penalty", 1.0)))
+            new = out[:, batch["input_ids"].shape[1]:]
+            for r, i in enumerate(chunk):
+                toks = new[r].tolist()
+                toks = toks[: toks.index(eoc)] if eoc in toks else toks
+                preds[i] = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+        return preds
+
+    def rank_classes(self, prompts: list[Prompt], classes: list[str], desc: str) -> tuple[list[str], list[list[float]]]:
+        """Each prompt's classes by log p(class name + <|endofchunk|> | prompt)."""
+        ids = [tokenize_prompt(self.tokenizer, p.text) for p in prompts]
+        conts = [list(self.tokenizer(" " + c + EOC_TOKEN, add_special_tokens=False)["input_ids"]) for c in classes]
+        rows = [(i, c) for i in range(len(prompts)) for c in range(len(classes))]
+        lengths = [len(ids[i]) + len(conts[c]) for i, c in rows]
+        logp = torch.zeros(len(prompts), len(classes))
+        for chunk in tqdm(self._chunks(len(rows), lengths), desc=desc, disable=not self.progress, leave=False):
+            batch_rows, masks = [], []
+            for j in chunk:
+                i, c = rows[j]
+                batch_rows.append((ids[i] + conts[c], prompts[i].images))
+                masks.append([0] * len(ids[i]) + [1] * len(conts[c]))
+            batch = self._batch(batch_rows, masks)
+            lp = continuation_logprobs(self.model, batch["input_ids"], batch["attention_mask"],
+                                       batch["continuation_mask"], images=batch["images"])
+            for r, j in enumerate(chunk):
+                i, c = rows[j]
+                logp[i, c] = lp[r].item()
+        best = logp.argmax(-1).tolist()
+        return [classes[b] for b in best], logp.tolist()
+
+    def run(self, k: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        prompts = self.prompts(k)
+        desc = f"{self.task.name} {k}-shot"
+        out: dict[str, Any] = {"metric": self.task.metric, "n": len(prompts)}
+        if self.decoding.get("mode", "generate") == "rank":
+            classes = _classes(self.task, self.support, self.test)
+            preds, logp = self.rank_classes(prompts, classes, desc)
+            if len(classes) == 2:  # binary: ROC-AUC from the class probabilities
+                labels = [int(target_text(self.task, it) == classes[1]) for it in self.test]
+                p1 = [torch.softmax(torch.tensor(row), -1)[1].item() for row in logp]
+                out["roc_auc"] = M.roc_auc(labels, p1)
+        else:
+            preds = self.generate_answers(prompts, desc)
+        out["score"] = _score(self.task, self.test, preds)
+        out["seconds"] = time.perf_counter() - started
+        out["examples"] = [{"id": p.query.id, "prediction": pr, "target": target_text(self.task, p.query)}
+                           for p, pr in zip(prompts[:3], preds[:3])]
+        out["predictions"] = preds
+        return out
+
+
+# ---------------------------------------------------------------- all tasks, all shots
+
+
+def resolve_references(cfg: Mapping, tasks: Mapping[str, Task], oracle: Mapping[str, float], embedded: bool) -> dict:
+    """Per task ``{"value", "source"}``: the paper's fine-tuned SotA or the oracle ceiling (see conf/eval)."""
+    mode = cfg.get("reference", "auto")
+    if mode not in ("auto", "paper", "oracle"):
+        raise ValueError(f"eval.reference must be auto, paper or oracle; got {mode!r}")
+    paper = {**PAPER_REFERENCES, **(cfg.get("paper_references") or {})}
+    refs = {}
+    for name in tasks:
+        use_paper = mode == "paper" or (mode == "auto" and not embedded)
+        if use_paper and name in paper:
+            refs[name] = {"value": float(paper[name]), "source": "paper"}
+        else:
+            value = oracle.get(name)
+            refs[name] = {"value": value if value else None, "source": "oracle"}
+    return refs
+
+
+def evaluate_model(model, root: str | Path, cfg: Mapping, *, out_dir: str | Path | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Evaluate ``model`` on the tasks of ``root`` (a world or an imported folder) at ``cfg['shots']``.
+
+    Returns ``{"scores": {task: {k: {...}}}, "references", "overall": {k: ...}, "overall_score",
+    "metrics": flat W&B-style keys, "table", "wall_time_s", ...}``; with ``out_dir`` the
+    predictions go to ``out_dir/predictions/<task>_<k>shot.json``.
+    """
+    started = time.perf_counter()
+    all_tasks = load_tasks(root)
+    wanted = cfg.get("tasks") or list(all_tasks)
+    unknown = [t for t in wanted if t not in all_tasks]
+    if unknown:
+        raise KeyError(f"eval.tasks names {unknown}, not in {root}; it has {sorted(all_tasks)}")
+    tasks = {t: all_tasks[t] for t in wanted}
+    shots = [int(k) for k in cfg["shots"]]
+    bad = [k for k in shots if k < 0]
+    if bad:
+        raise ValueError(f"eval.shots must be >= 0; got {bad}")
+    was_training = model.training
+    model.eval()
+    scores: dict[str, dict[str, Any]] = {}
+    oracle: dict[str, float] = {}
+    try:
+        for name, task in tasks.items():
+            ev = TaskEvaluator(model, task, cfg, progress=progress)
+            oracle[name] = oracle_score(task, ev.test)
+            scores[name] = {}
+            for k in shots:
+                res = ev.run(k)
+                preds = res.pop("predictions")
+                if out_dir is not None:
+                    pdir = Path(out_dir) / "predictions"
+                    pdir.mkdir(parents=True, exist_ok=True)
+                    (pdir / f"{name}_{k}shot.json").write_text(json.dumps(
+                        [{"id": it.id, "prediction": p, "target": target_text(task, it)}
+                         for it, p in zip(ev.test, preds)], indent=1))
+                scores[name][str(k)] = res
+                log.info("%s %d-shot: %s %.2f (%d items, %.1fs)", name, k, task.metric, res["score"], res["n"],
+                         res["seconds"])
+    finally:
+        model.train(was_training)
+    refs = resolve_references(cfg, tasks, oracle, is_embedded_world(root))
+    overall_tasks = [t for t in (cfg.get("overall_tasks") or DEV_TASKS) if t in tasks]
+    if not overall_tasks:
+        overall_tasks = [t for t, task in tasks.items() if not task.in_context]
+    overall = {str(k): M.overall_score({t: scores[t][str(k)]["score"] for t in overall_tasks},
+                                       {t: refs[t]["value"] for t in overall_tasks}) for k in shots}
+    main_k = int(cfg.get("overall_shots", 4))
+    main_k = main_k if main_k in shots else max(shots)
+    metrics = {}
+    for t, per_k in scores.items():
+        for k, res in per_k.items():
+            metrics[f"eval/{t}_{res['metric']}_{k}shot"] = res["score"]
+            if res.get("roc_auc") is not None:
+                metrics[f"eval/{t}_roc_auc_{k}shot"] = res["roc_auc"]
+    for k, v in overall.items():
+        if v is not None:
+            metrics[f"eval/overall_{k}shot"] = v
+    if overall[str(main_k)] is not None:
+        metrics["eval/overall"] = overall[str(main_k)]
+    result = {
+        "root": str(root), "shots": shots, "support": cfg.get("support", "random"), "scores": scores,
+        "references": refs, "oracle": oracle, "overall_tasks": overall_tasks, "overall": overall,
+        "overall_shots": main_k, "overall_score": overall[str(main_k)], "metrics": metrics,
+        "wall_time_s": time.perf_counter() - started,
+    }
+    result["table"] = format_table(result)
+    return result
+
+
+def format_table(result: Mapping) -> str:
+    """Per-task scores by k, the reference used, and the Overall row."""
+    shots = result["shots"]
+    head = f"{'task':<18}{'metric':<14}" + "".join(f"{str(k) + '-shot':>10}" for k in shots) + f"{'reference':>16}"
+    lines = [head, "-" * len(head)]
+    for t, per_k in result["scores"].items():
+        ref = result["references"][t]
+        ref_s = f"{ref['value']:.1f} ({ref['source']})" if ref["value"] else f"- ({ref['source']})"
+        metric = next(iter(per_k.values()))["metric"] if per_k else ""
+        lines.append(f"{t:<18}{metric:<14}" + "".join(f"{per_k[str(k)]['score']:>10.2f}" for k in shots)
+                     + f"{ref_s:>16}")
+    lines.append("-" * len(head))
+    ov = result["overall"]
+    lines.append(f"{'Overall (%)':<32}" + "".join(f"{ov[str(k)]:>10.2f}" if ov[str(k)] is not None else f"{'-':>10}"
+                                                  for k in shots))
+    lines.append(f"Overall = mean of score / reference over {', '.join(result['overall_tasks'])}; "
+                 f"headline eval/overall at {result['overall_shots']} shots")
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""Evaluation tasks on disk: a manifest's ``tasks`` entry and the WebDataset shards it names.
+
+A manifest is the embedded world's ``world.json`` or the one ``flamingo-import`` writes beside
+real-format files (COCO captions, VQAv2); both hold::
+
+    "tasks": {"<task>": {"kind": "caption" | "vqa" | "video_qa" | "video_caption",
+                         "metric": "cider" | "vqa_accuracy" | "top1",
+                         "splits": {"support": [shards], "test": [shards]},
+                         "frames": 1 | F, "in_context": false | true, "classes": [...] (optional)}}
+
+Each sample: images ``0.png`` .. ``{F-1}.png`` (the frames of a clip, or one still) and ``json``
+``{"id", "question", "answers", "captions", "episode", ...}``. Shard paths may be relative to the
+manifest's folder. Only images, json and txt are decoded (never unpickled).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from PIL import Image
+
+from flamingo_lab.data.shards import decode_sample
+
+MANIFEST_NAMES = ("world.json", "tasks.json", "manifest.json")
+KINDS = ("caption", "vqa", "video_qa", "video_caption")
+METRICS = ("cider", "vqa_accuracy", "top1")
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str
+    metric: str
+    support: list[str]
+    test: list[str]
+    frames: int = 1
+    in_context: bool = False
+    classes: list[str] | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"task {self.name!r}: kind must be one of {KINDS}; got {self.kind!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"task {self.name!r}: metric must be one of {METRICS}; got {self.metric!r}")
+        if not self.test:
+            raise ValueError(f"task {self.name!r} has no test shards")
+
+
+@dataclass
+class Item:
+    """One evaluation example: its frames (one still, or F frames of a clip) and its texts."""
+
+    id: str
+    images: list[Image.Image]
+    question: str | None = None
+    answers: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    episode: Any = None
+    meta: dict = field(default_factory=dict)
+
+
+def find_manifest(root: str | Path) -> Path:
+    root = Path(root)
+    if root.is_file():
+        return root
+    for name in MANIFEST_NAMES:
+        if (root / name).is_file():
+            return root / name
+    raise FileNotFoundError(
+        f"no task manifest in {root} (looked for {', '.join(MANIFEST_NAMES)}): pass a world root written by "
+        "`flamingo-data` or a folder written by `flamingo-import`"
+    )
+
+
+def load_tasks(root: str | Path) -> dict[str, Task]:
+    """The tasks of a world root or an imported folder (``{}`` if its manifest has none)."""
+    path = find_manifest(root)
+    manifest = json.loads(path.read_text())
+    base = path.parent.resolve()
+    tasks = {}
+    for name, spec in (manifest.get("tasks") or {}).items():
+        splits = spec.get("splits", {})
+
+        def resolve(paths):
+            out = [str(p if Path(p).is_absolute() else base / p) for p in paths or []]
+            missing = [p for p in out if not Path(p).is_file()]
+            if missing:
+                raise FileNotFoundError(f"task {name!r} lists shards that are missing: {missing[:3]}")
+            return out
+
+        tasks[name] = Task(
+            name=name, kind=spec["kind"], metric=spec["metric"], support=resolve(splits.get("support")),
+            test=resolve(splits.get("test")), frames=int(spec.get("frames", 1)),
+            in_context=bool(spec.get("in_context", False)), classes=spec.get("classes"),
+        )
+    return tasks
+
+
+def is_embedded_world(root: str | Path) -> bool:
+    """True for a world written by ``flamingo-data`` (its manifest also lists training shards)."""
+    manifest = json.loads(find_manifest(root).read_text())
+    return "shards" in manifest or str(manifest.get("format", "")).startswith("flamingo-lab-world")
+
+
+def read_items(shards: list[str], frames: int, limit: int | None = None) -> list[Item]:
+    """The samples of ``shards`` in order (at most ``limit``), decoded explicitly."""
+    items: list[Item] = []
+    raw_iter = wds.tariterators.tarfile_samples(iter([{"url": s} for s in shards]))
+    for raw in raw_iter:
+        if limit is not None and len(items) >= limit:
+            break
+        sample = decode_sample(raw)
+        meta = sample.get("json") or {}
+        images = [sample[f"{f}.png"] for f in range(frames) if f"{f}.png" in sample]
+        if not images:  # a still saved under another image name (jpg, png)
+            images = [sample[k] for k in sorted(sample) if k.rsplit(".", 1)[-1] in ("png", "jpg", "jpeg")][:1]
+        if len(images) != frames:
+            raise ValueError(f"sample {sample.get('__key__')} in {shards} has {len(images)} frames; the task says {frames}")
+        captions = meta.get("captions") or ([sample["txt"]] if "txt" in sample else [])
+        items.append(Item(
+            id=str(meta.get("id", sample.get("__key__"))), images=images, question=meta.get("question"),
+            answers=list(meta.get("answers") or []), captions=list(captions), episode=meta.get("episode"),
+            meta={k: v for k, v in meta.items() if k not in ("question", "answers", "captions")},
+        ))
+    return items

@@ -1,0 +1,333 @@
+"""Few-shot evaluation (flamingo_lab.eval): metrics, prompts, fixed shapes, end to end, flamingo-eval."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+from flamingo_lab.eval import (
+    Item,
+    Task,
+    build_prompt,
+    cider_score,
+    load_tasks,
+    normalize_answer,
+    overall_score,
+    read_items,
+    roc_auc,
+    top1_score,
+    vqa_accuracy,
+)
+from flamingo_lab.eval.harness import bucket, make_batch, tokenize_prompt
+from flamingo_lab.eval.prompts import SupportSampler
+
+BIN = Path(sys.executable).parent
+DEV = ["coco", "okvqa", "vqav2", "msvdqa", "vatex"]
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_vqa_normalisation_edge_cases():
+    assert normalize_answer("Two") == "2"  # number words -> digits
+    assert normalize_answer("none") == "0"
+    assert normalize_answer("the red circle") == "red circle"  # articles
+    assert normalize_answer("A dog.") == "dog"  # trailing full stop
+    assert normalize_answer("yes!") == "yes" and normalize_answer("yes ?") == "yes"
+    assert normalize_answer("2.5") == "2.5"  # a decimal point is not punctuation
+    assert normalize_answer("1,000") == "1000"
+    assert normalize_answer("dont") == "don't"  # contractions
+    assert normalize_answer("  Red\tcircle \n") == "red circle"
+    assert normalize_answer("black-and-white") == "black and white"
+
+
+def test_vqa_accuracy_partial_agreement():
+    humans = ["2"] * 2 + ["two"] + ["three"] * 7
+    # "two" == "2": 3 humans. Each 9-subset: a "2"-human's others hold 2 -> 2/3; the 7 others see 3 -> 1.
+    assert vqa_accuracy("Two.", humans) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)
+    assert vqa_accuracy("three", humans) == 1.0
+    assert vqa_accuracy("four", humans) == 0.0
+    one = ["cat"] + ["dog"] * 9  # a single human agrees: 9 subsets hold it once -> 1/3 each
+    assert vqa_accuracy("the cat", one) == pytest.approx(9 * (1 / 3) / 10)
+    assert vqa_accuracy("red", ["red"]) == 1.0  # one accepted answer: exact match
+
+
+def test_top1_roc_auc_and_overall():
+    assert top1_score(["Red.", "blue", "a circle"], ["red", "green", "circle"]) == pytest.approx(200 / 3)
+    assert roc_auc([1, 0, 1, 0], [0.9, 0.1, 0.8, 0.3]) == 1.0
+    assert roc_auc([1, 0], [0.5, 0.5]) == 0.5
+    assert roc_auc([1, 1], [0.2, 0.3]) is None
+    assert overall_score({"coco": 71.65, "vqav2": 40.1}, {"coco": 143.3, "vqav2": 80.2}) == pytest.approx(50.0)
+
+
+def test_cider_matches_pycocoevalcap():
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    refs = {
+        "1": ["A red circle in the top left.", "there is a red circle.", "a picture of a red circle"],
+        "2": ["Two blue squares, left of a green triangle!", "blue squares and a green triangle."],
+        "3": ["a small yellow star above a big purple circle.", "a yellow star and a purple circle."],
+    }
+    preds = {"1": "a red circle.", "2": "two blue squares and a triangle", "3": "A yellow star."}
+    tok = PTBTokenizer()
+    gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
+    res = tok.tokenize({k: [{"caption": v}] for k, v in preds.items()})
+    expected, _ = Cider().compute_score(gts, res)
+    assert cider_score(preds, refs) == pytest.approx(100 * expected)
+    assert cider_score(preds, refs) > cider_score({k: "nothing here" for k in preds}, refs)
+
+
+# ---------------------------------------------------------------- a tiny world in the task format
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (240, 220, 40)}
+SHAPES = ("circle", "square")
+NUMBERS = ("zero", "one", "two", "three")
+
+
+def draw(objs, size=32, shift=0):
+    img = Image.new("RGB", (size, size), (50, 50, 50))
+    d = ImageDraw.Draw(img)
+    for i, (shape, colour) in enumerate(objs):
+        cx, cy = 8 + 16 * (i % 2) + shift, 8 + 16 * (i // 2)
+        box = [cx - 6, cy - 6, cx + 6, cy + 6]
+        (d.ellipse if shape == "circle" else d.rectangle)(box, fill=COLOURS[colour])
+    return img
+
+
+def png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def task_sample(rng, kind, index, frames=1, episode=None, naming=None):
+    objs = [(rng.choice(SHAPES), rng.choice(list(COLOURS))) for _ in range(rng.randint(1, 3))]
+    meta = {"id": f"{kind}-{index}", "question": None, "answers": [], "captions": [], "episode": episode}
+    names = " and ".join(f"a {c} {s}" for s, c in objs)
+    if kind in ("caption", "video_caption"):
+        meta["captions"] = [f"{names}.", f"there is {names}.", f"a picture of {names}."]
+    elif kind == "okvqa":
+        meta["question"] = f"what colour is the {objs[0][0]}?"
+        meta["answers"] = [objs[0][1]] * 8 + ["dark"] * 2
+    elif kind == "vqav2":
+        meta["question"] = "how many shapes are there?"
+        meta["answers"] = [NUMBERS[len(objs)]] * 6 + [str(len(objs))] * 3 + ["many"]
+    elif kind == "video_qa":
+        meta["question"] = "what shape moves?"
+        meta["answers"] = [objs[0][0]]
+    elif kind == "renamed":  # in-context: each episode swaps the names of red and blue
+        colour = rng.choice(["red", "blue"])
+        objs = [(objs[0][0], colour)]
+        meta["question"] = f"what colour is the {objs[0][0]}?"
+        meta["answers"] = [naming[colour]]
+    sample = {"__key__": f"{kind}-{index:05d}", "json": json.dumps(meta).encode()}
+    for f in range(frames):
+        sample[f"{f}.png"] = png(draw(objs, shift=f))
+    return sample
+
+
+TASK_SPECS = {  # name: (sample kind, manifest kind, metric, frames)
+    "coco": ("caption", "caption", "cider", 1),
+    "okvqa": ("okvqa", "vqa", "vqa_accuracy", 1),
+    "vqav2": ("vqav2", "vqa", "vqa_accuracy", 1),
+    "msvdqa": ("video_qa", "video_qa", "top1", 3),
+    "vatex": ("video_caption", "video_caption", "cider", 3),
+    "renamed_colours": ("renamed", "vqa", "top1", 1),
+}
+
+
+def write_tasks(root: Path, n_support=12, n_test=10, names=None) -> dict:
+    """Write task shards under ``root/tasks`` and return the manifest's ``tasks`` entry (relative paths)."""
+    rng = random.Random(0)
+    tasks = {}
+    for name, (kind, mkind, metric, frames) in TASK_SPECS.items():
+        if names and name not in names:
+            continue
+        paths = {}
+        for split, n in (("support", n_support), ("test", n_test)):
+            rel = f"tasks/{name}-{split}-000000.tar"
+            (root / "tasks").mkdir(parents=True, exist_ok=True)
+            with wds.TarWriter(str(root / rel), encoder=False) as w:
+                for i in range(n):
+                    episode = naming = None
+                    if kind == "renamed":
+                        episode = i % 2
+                        naming = {"red": "red", "blue": "blue"} if episode == 0 else {"red": "blue", "blue": "red"}
+                    w.write(task_sample(rng, kind, i + (0 if split == "support" else 1000), frames, episode, naming))
+            paths[split] = [rel]
+        tasks[name] = {"kind": mkind, "metric": metric, "splits": paths, "frames": frames,
+                       "in_context": kind == "renamed"}
+        if kind == "renamed":
+            tasks[name]["classes"] = ["red", "blue"]
+    return tasks
+
+
+@pytest.fixture(scope="module")
+def task_world(tiny_world_dir, tmp_path_factory):
+    """The tiny training world plus the six evaluation tasks in the world.json ``tasks`` format."""
+    root = tmp_path_factory.mktemp("task_world") / "world"
+    shutil.copytree(tiny_world_dir, root)
+    manifest = json.loads((root / "world.json").read_text())
+    manifest["tasks"] = write_tasks(root)
+    (root / "world.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """A flamingo-import-like folder: a tasks-only manifest (COCO captions and VQAv2)."""
+    root = tmp_path_factory.mktemp("imported")
+    (root / "tasks.json").write_text(json.dumps({"tasks": write_tasks(root, names={"coco", "vqav2"})}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(task_world):
+    from flamingo_lab.config import compose
+    from flamingo_lab.models import build_flamingo
+
+    torch.manual_seed(0)
+    return build_flamingo(compose(["scale=tiny", f"data.root={task_world}"]).model).eval()
+
+
+# ---------------------------------------------------------------- prompts and shapes
+
+
+def test_tasks_load_from_a_world_and_an_imported_folder(task_world, imported):
+    tasks = load_tasks(task_world)
+    assert set(DEV) <= set(tasks) and tasks["renamed_colours"].in_context
+    assert all(Path(p).is_absolute() and Path(p).is_file() for t in tasks.values() for p in t.test + t.support)
+    items = read_items(tasks["msvdqa"].test, tasks["msvdqa"].frames, limit=4)
+    assert len(items) == 4 and all(len(it.images) == 3 for it in items) and items[0].answers
+    assert set(load_tasks(imported)) == {"coco", "vqav2"}
+
+
+def test_k_shot_prompt_holds_support_then_query_each_span_sees_its_own_image(task_world, model):
+    from flamingo_lab.models.xattn import media_mask
+
+    task = load_tasks(task_world)["vqav2"]
+    support = read_items(task.support, 1)
+    query = read_items(task.test, 1, limit=1)[0]
+    template = "<image>Question: {question} Answer: {answer}<|endofchunk|>"
+    k = 4
+    shots = SupportSampler(task, support, seed=0).sample(query, k)
+    prompt = build_prompt(template, task, shots, query)
+    assert [imgs for imgs in prompt.images] == [s.images for s in shots] + [query.images]  # order kept
+    ids = tokenize_prompt(model.tokenizer, prompt.text)
+    batch = make_batch([(ids, prompt.images)], batch_size=2, length_buckets=[32, 64, 128, 256],
+                       image_buckets=[1, 5, 9], frames=1, image_size=32, pad_id=model.tokenizer.pad_token_id)
+    assert batch["images"].shape == (2, 5, 1, 3, 32, 32)
+    for t, clip in enumerate(prompt.images):  # slot t holds the t-th <image>'s pixels
+        from flamingo_lab.data.shards import image_to_tensor
+
+        assert torch.equal(batch["images"][0, t, 0], image_to_tensor(clip[0], 32))
+    x = batch["input_ids"][:1]
+    t2m = model.text_to_media(x, n_media=5)[0]  # (L,)
+    media_pos = (x[0] == model.media_token_id).nonzero().flatten().tolist()
+    assert len(media_pos) == k + 1
+    eoc = model.eoc_token_id
+    for i, p in enumerate(media_pos):  # the span from <image> i to its <|endofchunk|> sees image i only
+        end = media_pos[i + 1] if i + 1 < len(media_pos) else x.shape[1]
+        assert (t2m[p:end] == i + 1).all()
+        if i < k:
+            assert x[0, end - 1] == eoc
+    allowed = media_mask(t2m[None], 5, 3, "immediate")[0]  # (L, 5*3)
+    for i, p in enumerate(media_pos):
+        assert allowed[p].view(5, 3)[i].all() and allowed[p].view(5, 3).sum() == 3
+    assert (t2m[: media_pos[0]] == 0).all()  # left padding and <s> see no image
+    # 0-shot: two text-only examples, then the query's image
+    zero = build_prompt(template, task, shots[:2], query, text_only=True)
+    assert zero.images == [query.images] and zero.text.count("<image>") == 1
+    assert zero.text.index("<image>") > zero.text.index("<|endofchunk|>")
+
+
+def test_batches_use_fixed_bucketed_shapes():
+    assert [bucket(n, [32, 64, 128]) for n in (1, 32, 33, 128, 129, 300)] == [32, 32, 64, 128, 256, 384]
+    img = Image.new("RGB", (32, 32))
+    shapes = set()
+    for n_tok in (5, 17, 30):
+        b = make_batch([([1] * n_tok, [[img]] * 3)], batch_size=4, length_buckets=[32, 64], image_buckets=[1, 5],
+                       frames=1, image_size=32, pad_id=0)
+        shapes.add((tuple(b["input_ids"].shape), tuple(b["images"].shape)))
+        assert b["n_real"] == 1 and b["attention_mask"][0, -n_tok:].all() and not b["attention_mask"][0, :-n_tok].any()
+    assert shapes == {((4, 32), (4, 5, 1, 3, 32, 32))}
+
+
+def test_support_sampling_seeded_episodic_and_rices():
+    task = Task("t", "vqa", "vqa_accuracy", support=["x"], test=["x"], in_context=True)
+    support = [Item(id=str(i), images=[], answers=["a"], episode=i % 3) for i in range(30)]
+    query = Item(id="q", images=[], episode=1)
+    s = SupportSampler(task, support, seed=0)
+    first = [x.id for x in s.sample(query, 4)]
+    assert first == [x.id for x in SupportSampler(task, support, seed=0).sample(query, 4)]  # fixed seed
+    assert all(x.episode == 1 for x in s.sample(query, 8))  # in-context: the query's episode only
+    feats = torch.nn.functional.normalize(torch.randn(30, 8), dim=-1)
+    rices = SupportSampler(task, support, method="rices", features=feats)
+    qf = feats[4] + 0.01 * feats[7]  # nearest: item 4 (episode 1)
+    chosen = rices.sample(query, 3, qf)
+    assert chosen[-1].id == "4" and all(x.episode == 1 for x in chosen)  # the nearest stands last
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_untrained_model_evaluates_every_task_with_rank_and_rices(task_world, model, tmp_path):
+    from flamingo_lab.config import compose
+    from flamingo_lab.eval import evaluate_model
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(compose(["scale=tiny", f"data.root={task_world}"]).eval, resolve=True)
+    cfg.update(max_items=4, shots=[0, 2], support="rices", batch_size=4,
+               task_decoding={"renamed_colours": {"mode": "rank"}})
+    res = evaluate_model(model, task_world, cfg, out_dir=tmp_path, progress=False)
+    assert set(res["scores"]) == set(DEV) | {"renamed_colours"}
+    assert "eval/renamed_colours_roc_auc_2shot" in res["metrics"]
+    assert all(r["source"] == "oracle" for r in res["references"].values())  # an embedded world
+    assert res["oracle"]["vqav2"] == pytest.approx(100.0) and res["oracle"]["coco"] > 0
+    assert (tmp_path / "predictions" / "coco_2shot.json").is_file()
+
+
+def test_tiny_trained_model_end_to_end_and_flamingo_eval_cli(task_world, imported, tmp_path):
+    """Train a few steps (evaluation at the end: all five tasks at k = 0 and 4), then flamingo-eval
+    the checkpoint on an imported-format folder (paper references)."""
+    from flamingo_lab.config import compose
+    from flamingo_lab.training.run import train
+
+    run_dir = tmp_path / "run"
+    cfg = compose(["scale=tiny", f"data.root={task_world}", "trainer.max_steps=8", "logger=none",
+                   "eval.max_items=6", "eval.shots=[0,4]", "eval.batch_size=8"])
+    results = train(cfg, run_dir)
+    on_disk = json.loads((run_dir / "results.json").read_text())
+    for task, metric in (("coco", "cider"), ("okvqa", "vqa_accuracy"), ("vqav2", "vqa_accuracy"),
+                         ("msvdqa", "top1"), ("vatex", "cider")):
+        for k in (0, 4):
+            value = on_disk["metrics"][f"eval/{task}_{metric}_{k}shot"]
+            assert 0.0 <= value and value == results["eval"]["scores"][task][str(k)]["score"]
+    assert "eval/overall" in on_disk["metrics"] and on_disk["eval"]["overall_shots"] == 4
+    assert on_disk["eval"]["scores"]["coco"]["4"]["n"] == 6
+    assert on_disk["eval"]["wall_time_s"] < 300
+
+    out = tmp_path / "eval_out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    proc = subprocess.run(
+        [str(BIN / "flamingo-eval"), f"checkpoint={run_dir}", f"data_root={imported}", "eval.shots=[0,2]",
+         "eval.max_items=4", "progress=false", f"hydra.run.dir={out}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Overall" in proc.stdout and "coco" in proc.stdout
+    content = json.loads((out / "results.json").read_text())
+    assert set(content["eval"]["scores"]) == {"coco", "vqav2"}
+    assert content["eval"]["references"]["coco"] == {"value": 143.3, "source": "paper"}
+    assert "eval/overall" in content["metrics"] and "eval/vqav2_vqa_accuracy_2shot" in content["metrics"]

@@ -1,0 +1,198 @@
+"""The embedded world's promises: tasks in the evaluation contract, balanced answers, held-out
+combinations, facts only in the text corpus and frequent there, prompt formats only in m3w pages."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from flamingo_lab.data.shards import load_world
+from flamingo_lab.data.world import (
+    FRUITS,
+    THINGS,
+    TASKS,
+    WorldConfig,
+    corpus_paragraph,
+    make_doc_sample,
+    make_pair,
+    make_task_sample,
+    make_video_pair,
+    write_world,
+)
+
+
+def _members(path) -> dict[str, dict[str, bytes]]:
+    """Samples of a tar as {key: {ext: bytes}} (plain tarfile: independent of the reader under test)."""
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            key, ext = m.name.split(".", 1)
+            out.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tiny_world_dir):
+    return load_world(tiny_world_dir)
+
+
+def test_tasks_follow_the_evaluation_contract(world):
+    tasks = world["tasks"]
+    assert {"coco", "okvqa", "vqav2", "msvdqa", "vatex"} <= set(tasks)
+    assert any(t["in_context"] for t in tasks.values())
+    expect = {"coco": ("caption", "cider"), "okvqa": ("vqa", "vqa_accuracy"), "vqav2": ("vqa", "vqa_accuracy"),
+              "msvdqa": ("video_qa", "top1"), "vatex": ("video_caption", "cider")}
+    for name, (kind, metric) in expect.items():
+        assert (tasks[name]["kind"], tasks[name]["metric"]) == (kind, metric)
+    for name, spec in tasks.items():
+        F = spec["frames"]
+        assert F == (world["config"]["frames"] if spec["kind"].startswith("video") else 1)
+        for split in ("support", "test"):
+            assert spec["splits"][split] and all(p.startswith(world["root"]) for p in spec["splits"][split])
+            for shard in spec["splits"][split]:
+                for key, m in _members(shard).items():
+                    assert sorted(m) == sorted([*(f"{f}.png" for f in range(F)), "json"]), (name, m.keys())
+                    assert Image.open(io.BytesIO(m["0.png"])).size == (32, 32)
+                    meta = json.loads(m["json"])
+                    assert {"id", "question", "answers", "captions", "episode", "scene"} <= set(meta)
+                    if spec["kind"] == "vqa":
+                        assert meta["question"] and len(meta["answers"]) == (1 if spec["metric"] == "top1" else 10)
+                    if spec["kind"] == "video_qa":
+                        assert meta["question"] and len(meta["answers"]) >= 1
+                    if spec["kind"].endswith("caption"):
+                        assert len(meta["captions"]) >= 4 and meta["question"] is None
+                    assert (meta["episode"] is not None) == spec["in_context"]
+
+
+def test_every_prompt_and_answer_word_is_in_the_tokenizer(world, tiny_world_dir):
+    from flamingo_lab.data.shards import load_world_tokenizer
+
+    vocab = load_world_tokenizer(tiny_world_dir).get_vocab()
+    words = {"output", "question", "answer", *FRUITS.values(), *THINGS.values()}
+    for spec in world["tasks"].values():
+        for shard in spec["splits"]["test"] + spec["splits"]["support"]:
+            for m in _members(shard).values():
+                meta = json.loads(m["json"])
+                for text in [meta["question"] or "", *meta["answers"], *meta["captions"]]:
+                    words.update(text.lower().replace("?", " ").replace(".", " ").replace(",", " ").replace(":", " ").split())
+    missing = sorted(w for w in words if w not in vocab)
+    assert not missing
+
+
+def _cfg(**kw) -> WorldConfig:
+    return WorldConfig(name="t", **kw)
+
+
+def test_answers_are_balanced_per_question_type():
+    cfg = _cfg()
+    for task in ("vqav2", "okvqa", "msvdqa", "renamed_colours"):
+        by_type: dict[str, Counter] = {}
+        for i in range(600):
+            meta = make_task_sample(cfg, task, "test", i)["json"]
+            by_type.setdefault(meta["qtype"], Counter())[meta["answers"][0]] += 1
+        for qtype, c in by_type.items():
+            share = max(c.values()) / sum(c.values())
+            assert share <= 0.4, (task, qtype, c)
+
+
+def test_held_out_combinations_only_in_test_splits():
+    cfg = _cfg()
+    held = {tuple(p) for p in cfg.held_out}
+
+    def pairs(scene):
+        return {(o["colour"], o["shape"]) for o in scene["objects"]}
+
+    for i in range(150):
+        assert not pairs(make_pair(cfg, "train", i, "ltip")["json"]["scene"]) & held
+        assert not pairs(make_video_pair(cfg, "train", i)["json"]["scene"]) & held
+        for info in make_doc_sample(cfg, "train", i)["json"]["image_info"]:
+            assert not pairs(info["scene"]) & held
+        for task in ("coco", "vqav2", "msvdqa"):
+            assert not pairs(make_task_sample(cfg, task, "support", i)["json"]["scene"]) & held
+    test = [make_task_sample(cfg, "vqav2", "test", i)["json"] for i in range(200)]
+    share = sum(bool(pairs(m["scene"]) & held) for m in test) / len(test)
+    assert 0.2 < share < 0.45  # held_out_share 0.3 of test items target a held-out combination
+
+
+def test_facts_only_in_the_corpus_and_frequent_there():
+    cfg = _cfg()
+    corpus = " ".join(corpus_paragraph(cfg, "train", i) for i in range(cfg.n_corpus_train))
+    for colour in cfg.colours:
+        assert corpus.count(FRUITS[colour]) >= 200  # the LM sees each fact hundreds of times
+    for shape in cfg.shapes:
+        assert corpus.count(THINGS[shape]) >= 200
+    fact_words = set(FRUITS.values()) | set(THINGS.values())
+    for i in range(200):
+        texts = make_doc_sample(cfg, "train", i)["json"]["text_list"] + [make_pair(cfg, "train", i, s)["txt"]
+                                                                       for s in ("ltip", "align", "laion")]
+        assert not fact_words & set(" ".join(texts).replace(".", " ").split())
+
+
+def test_prompt_formats_only_inside_m3w_pages():
+    cfg = _cfg()
+    docs = [make_doc_sample(cfg, "train", i)["json"] for i in range(300)]
+    kinds = Counter(d["page_kind"] for d in docs)
+    assert set(kinds) == {"describe", "quiz", "gallery", "game", "mixed"}
+    text = " ".join(" ".join(d["text_list"]) for d in docs)
+    assert "Question:" in text and "Answer:" in text and "Output:" in text
+    for i in range(300):
+        for s in ("ltip", "align", "laion"):
+            cap = make_pair(cfg, "train", i, s)["txt"]
+            assert "Question" not in cap and "Output" not in cap
+        assert "Output" not in make_video_pair(cfg, "train", i)["txt"]
+
+
+def test_game_pages_give_labels_only_in_context():
+    cfg = _cfg()
+    games = [d for d in (make_doc_sample(cfg, "train", i)["json"] for i in range(300)) if d["page_kind"] == "game"]
+    assert len({json.dumps(g["mapping"], sort_keys=True) for g in games}) > len(games) // 2  # fresh names per page
+    # an episode's support covers every colour, with one mapping per episode, different across episodes
+    mappings = []
+    for ep in range(3):
+        sup = [make_task_sample(cfg, "renamed_colours", "support", ep * cfg.episode_support + k)["json"]
+               for k in range(cfg.episode_support)]
+        assert {m["episode"] for m in sup} == {ep}
+        assert {m["scene"]["objects"][0]["colour"] for m in sup} == set(cfg.colours)
+        assert len({json.dumps(m["mapping"]) for m in sup}) == 1
+        mappings.append(sup[0]["mapping"])
+        test = make_task_sample(cfg, "renamed_colours", "test", ep * cfg.episode_test)["json"]
+        assert test["episode"] == ep and test["mapping"] == sup[0]["mapping"]
+        assert test["answers"] == [test["mapping"][test["scene"]["objects"][0]["colour"]]]
+    assert mappings[0] != mappings[1]
+
+
+def test_videos_show_their_event():
+    cfg = _cfg()
+    events = Counter()
+    for i in range(40):
+        s = make_video_pair(cfg, "train", i)
+        frames = [s[f"{f}.png"] for f in range(cfg.frames)]
+        assert frames[0] != frames[-1]  # something moves, appears, disappears or changes
+        events[s["json"]["scene"]["event"]] += 1
+        event, detail = s["json"]["scene"]["event"], s["json"]["scene"]["detail"]
+        assert (detail if event in ("moves", "turns") else event) in s["txt"]  # the caption names the event
+    assert set(events) == {"moves", "appears", "disappears", "turns"}
+
+
+def test_world_json_lists_corpus_tasks_and_balance(world):
+    for split in ("train", "val"):
+        text = open(world["corpus"][split]).read()
+        assert text.count("\n") == world["config"][f"n_corpus_{split}"]
+    assert set(world["shards"]["train"]) == {"m3w", "ltip", "align", "laion", "vtp"}
+    assert set(world["tasks"]) == set(TASKS)
+    assert world["facts"]["fruit_of_colour"]["yellow"] == "banana"
+    assert world["prompts"]["vqa"] == "<image>Question: {question} Answer: {answer}<|endofchunk|>"
+
+
+def test_world_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="held_out entries"):
+        WorldConfig(held_out=[["red", "hexagon"]])
+    with pytest.raises(ValueError, match="frames"):
+        WorldConfig(frames=12)
+    with pytest.raises(ValueError, match="page_kinds"):
+        WorldConfig(page_kinds={"poem": 1.0})
