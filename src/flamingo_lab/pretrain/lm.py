@@ -110,7 +110,7 @@ def pretrain_lm(arch: dict, world: dict, settings: dict, out_dir: Path, progress
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
     train_s = time.perf_counter() - started

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from flamingo_lab.config import ablation_choices
+from flamingo_lab.pretrain import ensure_pretrained
 from flamingo_lab.training.callbacks import GateLogger, LossHistory, StepTimer
 from flamingo_lab.training.datamodule import FlamingoDataModule
 from flamingo_lab.training.module import FlamingoModule
@@ -61,6 +62,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True)
+    pretrained = ensure_pretrained(cfg)  # builds or reuses the cached LM / vision stages; points cfg at them
     container = OmegaConf.to_container(cfg, resolve=True)
 
     module = FlamingoModule(container)
@@ -91,6 +93,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "run_name": cfg.run_name,
         "ablation": ablation_choices(cfg),
         "params": counts,
+        "pretrained": pretrained,
         "steps": trainer.global_step,
         "world_size": trainer.world_size,
         "step_time_s": {"mean": timer.mean, "median": timer.median, "n": len(timer.times)},

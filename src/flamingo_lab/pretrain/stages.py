@@ -1,0 +1,128 @@
+"""Run the pretraining stages a training config needs, or reuse their cached results.
+
+A run whose frozen parts are the embedded world's own (no ``model.lm.path``, no
+``model.vision.checkpoint``) gets them from the cache under ``pretrain.cache_dir``; a missing
+stage is built first (it takes about a minute each on 2 cores, once for every row of a sweep).
+The config that comes back points at the cached weights, so ``results.json`` records them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from . import cache
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """One builder per stage folder across processes (parallel sweep jobs, DDP ranks)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_stage(stage: str, key_cfg: dict, world: dict, cache_root: str | Path,
+                 build: Callable[[Path], dict], progress: bool = True) -> tuple[Path, dict, bool]:
+    """The cached folder of ``stage`` for ``key_cfg`` (built by ``build(tmp_dir) -> report`` if missing).
+
+    Returns (folder, report, built_now).
+    """
+    folder = cache.stage_dir(cache_root, stage, key_cfg, world)
+    if cache.is_complete(folder):
+        return folder, cache.read_report(folder), False
+    with _locked(folder):
+        if cache.is_complete(folder):  # another process built it while we waited
+            return folder, cache.read_report(folder), False
+        log.info("pretraining stage %r: building %s", stage, folder)
+        started = time.perf_counter()
+        tmp = cache.begin(folder)
+        try:
+            report = build(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # an interrupted build leaves nothing behind
+            raise
+        report["build_seconds"] = round(time.perf_counter() - started, 1)
+        report["key_config"] = key_cfg
+        cache.commit(tmp, folder, report)
+        log.info("pretraining stage %r: done in %.0f s", stage, report["build_seconds"])
+        return folder, report, True
+
+
+def _lm_stage(cfg: DictConfig, world: dict, progress: bool) -> dict[str, Any] | None:
+    lm = cfg.model.lm
+    if lm.path is not None or lm.freeze == "train_from_scratch" or not cfg.pretrain.lm.enabled:
+        return None  # a given LM, or one that is re-initialised anyway
+    from .lm import pretrain_lm
+
+    arch = OmegaConf.to_container(lm.arch, resolve=True)
+    settings = OmegaConf.to_container(cfg.pretrain.lm, resolve=True)
+    settings.pop("enabled", None)
+    key_cfg = {"arch": arch, "settings": settings}
+    folder, report, built = ensure_stage(
+        "lm", key_cfg, world, cfg.pretrain.cache_dir,
+        lambda out: pretrain_lm(arch, world, settings, out, progress=progress), progress)
+    with open_dict(cfg):
+        cfg.model.lm.path = str(folder)
+        cfg.model.lm.tokenizer = str(folder)
+    return {"path": str(folder), "built_now": built, **_summary(report)}
+
+
+def _vision_stage(cfg: DictConfig, world: dict, progress: bool) -> dict[str, Any] | None:
+    vision = cfg.model.vision
+    if vision.checkpoint is not None or not cfg.pretrain.vision.enabled:
+        return None
+    from .vision import pretrain_vision
+
+    vision_cfg = OmegaConf.to_container(vision, resolve=True)
+    vision_cfg.pop("checkpoint", None)
+    settings = OmegaConf.to_container(cfg.pretrain.vision, resolve=True)
+    settings.pop("enabled", None)
+    key_cfg = {"vision": vision_cfg, "settings": settings}
+    folder, report, built = ensure_stage(
+        "vision", key_cfg, world, cfg.pretrain.cache_dir,
+        lambda out: pretrain_vision(vision_cfg, world, settings, out, progress=progress), progress)
+    with open_dict(cfg):
+        cfg.model.vision.checkpoint = str(folder / "encoder.safetensors")
+    return {"path": str(folder), "built_now": built, **_summary(report)}
+
+
+def _summary(report: dict) -> dict:
+    """The report without its bulky parts (per-item lists) for results.json."""
+    out = {}
+    for k, v in report.items():
+        if isinstance(v, dict):
+            v = {kk: vv for kk, vv in v.items() if not isinstance(vv, list)}
+        out[k] = v
+    return out
+
+
+def ensure_pretrained(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
+    """Build or reuse the LM and vision stages ``cfg`` needs; point ``cfg.model`` at their weights.
+
+    Returns ``{"lm": {...}, "vision": {...}}`` summaries (absent when a stage does not apply).
+    """
+    if "pretrain" not in cfg:
+        return {}
+    from flamingo_lab.data.shards import load_world
+
+    world = load_world(cfg.data.root)
+    out = {}
+    for name, stage in (("lm", _lm_stage), ("vision", _vision_stage)):
+        summary = stage(cfg, world, progress)
+        if summary is not None:
+            out[name] = summary
+    return out
