@@ -331,3 +331,20 @@ def test_tiny_trained_model_end_to_end_and_flamingo_eval_cli(task_world, importe
     assert set(content["eval"]["scores"]) == {"coco", "vqav2"}
     assert content["eval"]["references"]["coco"] == {"value": 143.3, "source": "paper"}
     assert "eval/overall" in content["metrics"] and "eval/vqav2_vqa_accuracy_2shot" in content["metrics"]
+
+
+def test_breakdown_per_question_type_and_held_out_with_majority_baseline():
+    from flamingo_lab.eval.harness import breakdown
+    from flamingo_lab.eval.tasks import Item, Task
+
+    task = Task(name="t", kind="vqa", metric="top1", support=[], test=["unused.tar"])
+    items = [Item(id=str(i), images=[], question="q", answers=[a], meta={"qtype": q, "held_out": h})
+             for i, (a, q, h) in enumerate([("red", "colour", True), ("blue", "colour", False),
+                                            ("red", "colour", False), ("two", "count", True)])]
+    preds = ["red", "blue", "blue", "one"]
+    out = breakdown(task, items, preds)
+    assert out["qtype=colour"]["n"] == 3
+    assert out["qtype=colour"]["score"] == pytest.approx(200 / 3)
+    assert out["qtype=colour"]["majority"] == pytest.approx(200 / 3)  # always "red": 2 of 3
+    assert out["qtype=count"] == {"n": 1, "score": 0.0, "majority": 100.0}
+    assert out["held_out=True"]["score"] == pytest.approx(50.0) and out["held_out=False"]["n"] == 2

@@ -109,6 +109,24 @@ def _score(task: Task, items: list[Item], preds: list[str]) -> float:
     return M.top1_score(preds, [it.answers[0] for it in items])
 
 
+def breakdown(task: Task, items: list[Item], preds: list[str], keys=("qtype", "held_out")) -> dict:
+    """The task's metric per value of each item field in ``keys`` (e.g. per question type, and on
+    held-out attribute combinations vs seen ones), with the item count and the majority-answer baseline."""
+    out: dict[str, dict] = {}
+    for key in keys:
+        values = sorted({str(it.meta[key]) for it in items if key in it.meta})
+        for value in values:
+            idx = [i for i, it in enumerate(items) if str(it.meta.get(key)) == value]
+            sub_items, sub_preds = [items[i] for i in idx], [preds[i] for i in idx]
+            entry = {"n": len(idx), "score": _score(task, sub_items, sub_preds)}
+            if task.metric != "cider":  # what always giving the most common answer of this group scores
+                targets = [target_text(task, it) for it in sub_items]
+                majority = max(set(targets), key=targets.count)
+                entry["majority"] = _score(task, sub_items, [majority] * len(sub_items))
+            out[f"{key}={value}"] = entry
+    return out
+
+
 def oracle_score(task: Task, items: list[Item]) -> float:
     """The score of an oracle that answers with the ground truth (first caption / most common human
     answer / the accepted answer) on the same items through the same metric: the ceiling."""
@@ -214,6 +232,7 @@ class TaskEvaluator:
         else:
             preds = self.generate_answers(prompts, desc)
         out["score"] = _score(self.task, self.test, preds)
+        out["breakdown"] = breakdown(self.task, self.test, preds)
         out["seconds"] = time.perf_counter() - started
         out["examples"] = [{"id": p.query.id, "prediction": pr, "target": target_text(self.task, p.query)}
                            for p, pr in zip(prompts[:3], preds[:3])]
