@@ -30,11 +30,12 @@ data: setup
 run: data
 	$(BIN)/flamingo-train $(ARGS)
 
+# Tests use tiny models: one thread per process is faster than two fighting over 2 cores.
 test: setup
-	$(BIN)/pytest $(ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/pytest $(ARGS)
 
 test-fast: setup
-	$(BIN)/pytest -m "not slow" $(ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/pytest -m "not slow" $(ARGS)
 
 clean:
 	rm -rf outputs multirun data/embedded

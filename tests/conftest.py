@@ -12,6 +12,10 @@ os.environ["WANDB_SILENT"] = "true"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Test models are tiny: one thread avoids thread overhead and contention (2-core CI, subprocess runs).
+torch.set_num_threads(1)
 
 TINY_CORPUS = [
     "a red circle.",

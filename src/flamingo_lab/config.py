@@ -7,6 +7,14 @@ from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+def _first_set(*values):
+    """``${first_set:a,b,...}``: the first value that is set (not null), e.g. a tokenizer folder."""
+    return next((v for v in values if v not in (None, "None", "null", "")), None)
+
+
+if not OmegaConf.has_resolver("first_set"):
+    OmegaConf.register_new_resolver("first_set", _first_set)
+
 #: The repository's conf/ folder (the package is installed editable from src/).
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 

@@ -7,6 +7,8 @@ through forward hooks on the input and output embeddings.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +19,8 @@ from flamingo_lab.data.tokenizer import EOC_TOKEN, MEDIA_TOKEN
 from .config import LMConfig, check_every
 
 SPECIAL_TOKENS = [MEDIA_TOKEN, EOC_TOKEN]
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- tokenizer and model
@@ -33,12 +37,29 @@ def load_tokenizer(cfg: LMConfig):
         raise ValueError("set lm.tokenizer (or lm.path) to a local tokenizer folder; "
                          "the LM's vocabulary and Flamingo's special tokens come from it "
                          "(or set lm.arch.vocab_size for a stand-in vocabulary, to count parameters)")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
+
+
+def prepare_tokenizer(tok):
+    """Add ``<image>`` and ``<|endofchunk|>`` where missing, and make sure there is a pad token.
+
+    New tokens take the next ids (``len(tok)`` on), are never split and are skipped when decoding;
+    ``build_lm`` grows the LM's tables to match. Padding (no pad token, as GPT-2 and Llama): the eos
+    token, else unk, else a new ``<pad>``; padded positions are masked, so its value never matters,
+    but it is never ``<|endofchunk|>`` (generation stops there). BOS is left as the tokenizer has it:
+    where the tokenizer's post-processor adds none (GPT-2, SmolLM), the data side and the evaluation
+    prompts put ``bos_token`` first themselves; a tokenizer without one starts text with no BOS.
+    """
     missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
     if missing:
         tok.add_tokens(missing, special_tokens=True)
-    if tok.pad_token is None:  # batching needs one; Flamingo's <|endofchunk|> is never padding
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else EOC_TOKEN
+    if tok.pad_token is None:
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        elif tok.unk_token is not None:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": "<pad>"})
     return tok
 
 
@@ -88,6 +109,10 @@ def build_lm(cfg: LMConfig, tokenizer) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if cfg.path is not None:
+        if cfg.tokenizer is not None and Path(cfg.tokenizer).resolve() != Path(cfg.path).resolve():
+            log.warning("lm.tokenizer (%s) is not lm.path (%s): the LM reads the ids of that tokenizer, right "
+                        "only if it has the LM's vocabulary (set model.lm.tokenizer to the LM's folder)",
+                        cfg.tokenizer, cfg.path)
         lm = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True, dtype=torch.float32)
     else:
         arch = dict(cfg.arch)
@@ -100,10 +125,34 @@ def build_lm(cfg: LMConfig, tokenizer) -> nn.Module:
             arch.setdefault(k, getattr(tokenizer, k, None))
         lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **arch))
     if lm.get_input_embeddings().num_embeddings < len(tokenizer):
-        lm.resize_token_embeddings(len(tokenizer))  # special tokens were added to the tokenizer
+        grow_token_embeddings(lm, len(tokenizer))  # special tokens were added to the tokenizer
     if cfg.freeze == "train_from_scratch":
         reinitialise(lm)  # same architecture, pretrained weights (if any) discarded
     return lm
+
+
+def grow_token_embeddings(lm: nn.Module, n_tokens: int) -> None:
+    """Grow the LM's token tables to ``n_tokens`` rows for the tokens the tokenizer gained.
+
+    The existing rows stay bit-identical; every new row (input table, and the output table where it
+    is not tied) is the mean of the existing rows, and a new output bias entry their mean bias:
+    deterministic, and the "average token" (a new token's logit starts at the average logit). Tied
+    tables stay one tensor. While the LM is frozen these rows stay as they are: the trainable
+    ``SpecialTokenDeltas`` are added on top of them.
+    """
+    n_old = lm.get_input_embeddings().num_embeddings
+    # Hugging Face draws the new rows at random (we overwrite them): keep the CPU RNG where it was,
+    # so the parts built after the LM get the same initialisation whether or not the tables grew.
+    with torch.random.fork_rng(devices=[]):
+        lm.resize_token_embeddings(n_tokens, mean_resizing=False)
+    inp, out = lm.get_input_embeddings(), lm.get_output_embeddings()
+    tables = [inp.weight] + ([out.weight] if out is not None and out.weight is not inp.weight else [])
+    with torch.no_grad():
+        for w in tables:  # (n_tokens, D)
+            w[n_old:] = w[:n_old].mean(0, keepdim=True)
+        bias = getattr(out, "bias", None) if out is not None else None
+        if bias is not None and bias.shape[0] > n_old:
+            bias[n_old:] = bias[:n_old].mean()
 
 
 # ---------------------------------------------------------------- decoder layers

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 
 import timm
@@ -9,6 +11,8 @@ import torch
 from torch import nn
 
 from .config import VISION_ENCODERS, VisionConfig
+
+log = logging.getLogger(__name__)
 
 
 def create_timm_model(cfg: VisionConfig) -> nn.Module:
@@ -30,7 +34,46 @@ def create_timm_model(cfg: VisionConfig) -> nn.Module:
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
-    """Load a local state dict into ``model``, failing loudly on any key or shape mismatch."""
+    """Load local timm or open_clip visual weights into ``model``, failing loudly on any mismatch.
+
+    Accepted layouts (a ``state_dict`` / ``model`` / ``module`` wrapper and DDP's ``module.`` prefix
+    are unwrapped first):
+
+    - a timm state dict of the same architecture (its classifier, removed here, is ignored);
+    - an open_clip checkpoint with a ViT visual tower (``visual.conv1.weight``, ``visual.class_embedding``,
+      ``visual.transformer.resblocks.N...``; the OpenAI CLIP layout), mapped onto a timm ViT built with
+      CLIP's pre-norm (e.g. vision.name=clip_vit_l14) by timm's own converter;
+    - an open_clip checkpoint with a timm trunk (``visual.trunk.*``).
+
+    In open_clip checkpoints only the visual tower is read: the text tower, ``logit_scale`` and the
+    projection into the joint space (``visual.proj``, ``visual.head.*``) are ignored. A ViT's position
+    embedding is resampled to the model's grid when the checkpoint was trained at another image size
+    (as timm does); any other missing or unexpected key or shape mismatch is an error that lists them.
+    """
+    sd = read_state_dict(path)
+    sd, layout = to_timm_state_dict(sd, model)
+    # The classifier was removed (num_classes=0): its weights in the checkpoint are expected extras.
+    head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if head:
+        sd = {k: v for k, v in sd.items() if not k.startswith(f"{head}.")}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"vision.checkpoint '{path}' (read as {layout}) does not fit the model "
+            f"({type(model).__name__}): {len(missing)} missing keys {missing[:10]}, {len(unexpected)} "
+            f"unexpected keys {unexpected[:10]}, {len(shapes)} shape mismatches {shapes[:10]} "
+            "(check vision.name, vision.size, vision.image_size and vision.timm_kwargs; open_clip ViT "
+            "towers need a CLIP-style timm ViT such as vision.name=clip_vit_l14)"
+        )
+    model.load_state_dict(sd)
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A flat ``{key: tensor}`` from a .safetensors or torch file, wrappers and ``module.`` removed."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"vision.checkpoint '{path}' is not a file; give a local weights file")
@@ -43,23 +86,57 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     for key in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    # The classifier was removed (num_classes=0): its weights in the checkpoint are expected extras.
-    head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
-    if head:
-        sd = {k: v for k, v in sd.items() if not k.startswith(f"{head}.")}
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"vision.checkpoint '{path}' does not fit the model: missing keys {missing[:10]}, "
-            f"unexpected keys {unexpected[:10]}, shape mismatches {shapes[:10]} "
-            "(check vision.name, vision.image_size and vision.timm_kwargs)"
-        )
-    model.load_state_dict(sd)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"vision.checkpoint '{path}' holds no state dict of tensors (a dict, or one "
+                         "under 'state_dict' / 'model' / 'module')")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def to_timm_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+    """``sd`` in ``model``'s own (timm) key layout, and the name of the layout it was read as."""
+    from timm.models.vision_transformer import VisionTransformer, _convert_openai_clip
+
+    layout = "a timm state dict"
+    if any(k.startswith("visual.trunk.") for k in sd):
+        sd = {k.removeprefix("visual.trunk."): v for k, v in sd.items() if k.startswith("visual.trunk.")}
+        layout = "an open_clip checkpoint with a timm trunk (visual.trunk.*)"
+    elif "visual.class_embedding" in sd or "visual.conv1.weight" in sd:
+        if not isinstance(model, VisionTransformer):
+            raise ValueError(f"an open_clip ViT visual tower loads only into a timm ViT; vision.name gives "
+                             f"{type(model).__name__} (choose vision.name=clip_vit_l14 or a vit_*_clip_* model)")
+        sd = _convert_openai_clip(sd, model, prefix="visual.")  # text tower dropped, visual.proj -> head.*
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # the joint-space projection
+        layout = "an open_clip ViT checkpoint (visual.*)"
+    elif any(k.startswith("visual.") for k in sd):
+        raise ValueError("this open_clip checkpoint's visual tower is neither a ViT (visual.conv1, "
+                         "visual.transformer...) nor a timm trunk (visual.trunk.*); e.g. "
+                         f"{sorted(k for k in sd if k.startswith('visual.'))[:5]}: convert it to a timm "
+                         "state dict first")
+    if isinstance(model, VisionTransformer):
+        sd = _resample_pos_embed(sd, model)
+    return sd, layout
+
+
+def _resample_pos_embed(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A ViT trained at another image size: its position embedding, resampled to ``model``'s grid.
+
+    Only a square grid of the same width is resampled (as timm and open_clip do); anything else is
+    left to the shape check.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    old, own = sd.get("pos_embed"), getattr(model, "pos_embed", None)
+    if old is None or own is None or old.ndim != 3 or old.shape == own.shape or old.shape[-1] != own.shape[-1]:
+        return sd
+    n_prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+    side = math.isqrt(old.shape[1] - n_prefix)
+    if side * side != old.shape[1] - n_prefix:
+        return sd
+    log.info("vision.checkpoint: position embedding resampled from a %dx%d grid to %s", side, side,
+             tuple(model.patch_embed.grid_size))
+    new = resample_abs_pos_embed(old, new_size=list(model.patch_embed.grid_size), old_size=[side, side],
+                                 num_prefix_tokens=n_prefix)  # (1, n_prefix + h*w, D)
+    return {**sd, "pos_embed": new}
 
 
 class VisionEncoder(nn.Module):
