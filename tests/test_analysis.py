@@ -116,3 +116,16 @@ def test_load_wandb_reads_the_results_summary(sweep):
 def test_no_results_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no results.json"):
         load_runs(tmp_path)
+
+
+def test_one_seed_per_row_renders_without_intervals(tmp_path):
+    _write_run(tmp_path / "b", "baseline", 0, 70.0)
+    _write_run(tmp_path / "m", "no_m3w", 0, 50.0)
+    _write_run(tmp_path / "a", "attend_all_previous", 0, 70.0)
+    table = table3(load_runs(tmp_path))
+    md = to_markdown(table)
+    assert "nan" not in md.lower()
+    row = table.set_index("experiment").loc["no_m3w"]
+    assert row["agrees"] and math.isnan(row["delta_ci"])  # one seed: a direction, no interval
+    same = table.set_index("experiment").loc["attend_all_previous"]
+    assert same["agrees"] is None  # no change at all is not "the paper's way"

@@ -96,22 +96,31 @@ def table3(runs: pd.DataFrame, baseline: str = "baseline") -> pd.DataFrame:
             delta, half = diff_ci(group["overall"].dropna().tolist(), base["overall"].dropna().tolist())
             p_delta = (paper.get("overall") - PAPER_TABLE3[baseline]["overall"]) if paper.get("overall") else None
             row.update(delta=delta, delta_ci=half, paper_delta=p_delta)
-            row["agrees"] = None if p_delta is None or math.isnan(delta) else (delta * p_delta > 0)
+            # the paper's way: same sign as the paper's change (no change at all does not count as agreeing)
+            row["agrees"] = None if p_delta is None or math.isnan(delta) or delta == 0 else (delta * p_delta > 0)
             row["significant"] = None if math.isnan(half) else abs(delta) > half
         out.append(row)
     return pd.DataFrame(out)
 
 
 def _pm(mean: float, half: float, digits: int = 1) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+    if _missing(mean):
         return "–"
-    if half is None or math.isnan(half):
+    if _missing(half):
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _paper(value, digits=1) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+    return "–" if _missing(value) else f"{value:.{digits}f}"
+
+
+def _yes_no(value) -> str:
+    return "–" if _missing(value) else ("yes" if bool(value) else "no")
 
 
 def render_rows(table: pd.DataFrame) -> list[dict[str, str]]:
@@ -130,11 +139,9 @@ def render_rows(table: pd.DataFrame) -> list[dict[str, str]]:
         for t in TASKS:
             cells[t] = f"{_pm(r[t], r[f'{t}_ci'])} ({_paper(r[f'paper_{t}'])})"
         cells["overall"] = f"{_pm(r['overall'], r['overall_ci'])} ({_paper(r['paper_overall'])})"
-        if "delta" in r and r.get("delta") == r.get("delta"):
-            agrees = {True: "yes", False: "no", None: "–"}[r.get("agrees")]
-            sig = {True: "yes", False: "no", None: "–"}[r.get("significant")]
+        if not _missing(r.get("delta")):
             cells["Δ overall"] = f"{_pm(r['delta'], r['delta_ci'])} ({_paper(r['paper_delta'])})"
-            cells["paper's way"], cells["CI excludes 0"] = agrees, sig
+            cells["paper's way"], cells["CI excludes 0"] = _yes_no(r.get("agrees")), _yes_no(r.get("significant"))
         else:
             cells["Δ overall"], cells["paper's way"], cells["CI excludes 0"] = "–", "–", "–"
         rows.append(cells)

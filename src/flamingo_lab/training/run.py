@@ -1,15 +1,21 @@
 """One training run from a composed config: build, fit, validate, write results.json.
 
-The Hydra entry point (`flamingo_lab.train`) only composes and calls :func:`train`.
+The Hydra entry point (`flamingo_lab.train`) only composes and calls :func:`run`, which adds a sweep's
+semantics to :func:`train`: a run folder that already holds a complete results.json for the same config
+is skipped (unless ``force=true``), and a failure is recorded in results.json (``status: failed``, the
+error and the end of its traceback) before it is raised, or, in a multirun, instead of being raised.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import platform
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +42,14 @@ def make_logger(cfg: DictConfig, run_dir: Path):
         raise ValueError(f"logger={name!r} is unknown; valid: wandb, none")
     from lightning.pytorch.loggers import WandbLogger
 
-    choices = ablation_choices(cfg)
+    tags = [f"{k}={v}" for k, v in ablation_choices(cfg).items()]
+    if cfg.get("experiment"):
+        tags.append(f"experiment={cfg.experiment}")
     return WandbLogger(
         project=cfg.logger.project,
         name=cfg.run_name,
         group=cfg.logger.group,
-        tags=[f"{k}={v}" for k, v in choices.items()] + list(cfg.logger.tags),
+        tags=tags + list(cfg.logger.tags),
         save_dir=str(run_dir),
         mode=cfg.logger.mode,
         config=OmegaConf.to_container(cfg, resolve=True),
@@ -57,10 +65,115 @@ def _resume_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     return str(path)
 
 
+#: Settings that do not change what a run computes: a complete results.json still counts when only these differ.
+KEY_IGNORED = ("force", "resume", "logger")
+
+
+def config_key(cfg: DictConfig) -> str:
+    """Hash of the resolved config less :data:`KEY_IGNORED`, taken before the pretraining stages fill in
+    their paths: a run is skipped only when its results.json was written for the same key."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for key in KEY_IGNORED:
+        container.pop(key, None)
+    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def completed(run_dir: str | Path, key: str) -> dict[str, Any] | None:
+    """The results of ``run_dir`` if they are complete and were computed for config ``key``, else None."""
+    path = Path(run_dir) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if results.get("status") == "complete" and results.get("config_key") == key:
+        return results
+    return None
+
+
+def run(cfg: DictConfig, run_dir: str | Path, catch: bool = False) -> dict[str, Any]:
+    """:func:`train` with a sweep's semantics; returns the results (complete, reused or failed).
+
+    - ``run_dir/results.json`` complete for the same :func:`config_key`: nothing is trained (``force=true``
+      trains anyway);
+    - an exception: results.json records ``status: failed``, the error and the end of the traceback, and
+      the exception is raised again, unless ``catch`` (a multirun: the other rows go on).
+    """
+    run_dir = Path(run_dir)
+    started, key = time.perf_counter(), None
+    try:
+        key = config_key(cfg)  # raises when the config does not resolve: recorded like any failure
+        if not cfg.get("force", False):
+            done = completed(run_dir, key)
+            if done is not None:
+                log.info("skipped: %s already holds complete results for this config (force=true to rerun)",
+                         run_dir / "results.json")
+                return done
+        return train(cfg, run_dir)
+    except Exception as error:
+        results = failed_results(cfg, error, key, time.perf_counter() - started)
+        _finish_wandb(results)
+        if _rank() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(run_dir / "results.json", results)
+        if not catch:
+            raise
+        log.error("run failed (recorded in %s, the other runs go on): %s\n%s",
+                  run_dir / "results.json", results["error"], results["traceback"])
+        return results
+
+
+def failed_results(cfg: DictConfig, error: BaseException, key: str | None, wall: float) -> dict[str, Any]:
+    """results.json of a failed run: what it was, the error and the last lines of its traceback."""
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # the failure may be the config itself (an interpolation that does not resolve)
+        container = OmegaConf.to_container(cfg, resolve=False)
+    lines = traceback.format_exception(type(error), error, error.__traceback__)
+    tail = "".join(lines).splitlines()[-40:]
+    return {
+        "status": "failed",
+        "experiment": cfg.get("experiment"),
+        "seed": cfg.get("seed"),
+        "run_name": OmegaConf.select(cfg, "run_name", default=None, throw_on_resolution_failure=False),
+        "ablation": _safe(ablation_choices, cfg, {}),
+        "error": f"{type(error).__name__}: {error}",
+        "traceback": "\n".join(tail),
+        "config_key": key,
+        "wall_time_s": wall,
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count()},
+        "config": container,
+    }
+
+
+def _safe(fn, cfg, default):
+    try:
+        return fn(cfg)
+    except Exception:
+        return default
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+
+
+def _finish_wandb(failed: dict[str, Any]) -> None:
+    """Close the W&B run a failure left open (so the next run of a multirun does not log into it), with
+    the failed results in its summary as a complete run has them (flamingo_lab.analysis.load_wandb)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        try:
+            wandb.run.summary["status"] = "failed"
+            wandb.run.summary["results"] = json.dumps({k: v for k, v in failed.items() if k != "config"}, default=str)
+            wandb.finish(exit_code=1)
+        except Exception as e:  # never hide the run's own error behind a logging one
+            log.warning("could not close the W&B run: %s", e)
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train the Flamingo described by ``cfg``, write ``run_dir/results.json`` and return its content."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    key = config_key(cfg)  # before the pretraining stages point cfg at their weights
     pl.seed_everything(int(cfg.seed), workers=True)
     pretrained = ensure_pretrained(cfg)  # builds or reuses the cached LM / vision stages; points cfg at them
     container = OmegaConf.to_container(cfg, resolve=True)
@@ -90,6 +203,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     wall = time.perf_counter() - started
 
     results = {
+        "status": "complete",
+        "experiment": cfg.get("experiment"),
+        "seed": int(cfg.seed),
+        "config_key": key,
         "run_name": cfg.run_name,
         "ablation": ablation_choices(cfg),
         "params": counts,

@@ -1,0 +1,192 @@
+"""`flamingo-sweep SWEEP.yaml [key=value ...]`: a study (sweeps/table3.yaml) as one Hydra multirun of
+flamingo-train, then its table and plots.
+
+    flamingo-sweep sweeps/table3.yaml                              # 19 rows x 3 seeds, scale=embedded
+    flamingo-sweep sweeps/table3.yaml scale=smoke seeds=1 threads=1
+    flamingo-sweep sweeps/table3.yaml rows=[baseline,no_m3w] force=true out=multirun/mine
+    flamingo-sweep sweeps/table3.yaml render=only                  # only (re)write the table and plots
+
+Arguments named like a key of the sweep file set that key; every other argument is a flamingo-train
+override given to every run. Each run lands in ``<out>/<row>/seed<k>/`` (results.json, W&B, checkpoints);
+a run whose results.json is complete for the same config is skipped, a failed run is recorded there
+(``status: failed``) and the others go on (flamingo_lab.training.run). The command exits 0 when every
+run of the sweep is complete, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from flamingo_lab.config import CONF_DIR
+
+BIN = Path(sys.executable).parent
+#: Where each run of a sweep writes (Hydra interpolations, resolved per job).
+RUN_SUBDIR = "${experiment}/seed${seed}"
+
+
+def experiments(overrides: Sequence[str] = ()) -> list[str]:
+    """The rows available to a sweep: conf/experiment/<row>.yaml, and <dir>/experiment/<row>.yaml for
+    every ``file://<dir>`` of a ``hydra.searchpath=[...]`` override (experiments kept outside conf/)."""
+    folders = [CONF_DIR]
+    for o in overrides:
+        if o.startswith("hydra.searchpath="):
+            folders += [Path(p.strip()[len("file://"):]) for p in o.split("=", 1)[1].strip("[]").split(",")
+                        if p.strip().startswith("file://")]
+    return sorted({p.stem for folder in folders for p in (folder / "experiment").glob("*.yaml")})
+
+
+def load_sweep(path: str | Path, args: Sequence[str] = ()) -> DictConfig:
+    """The sweep file with ``key=value`` arguments applied; arguments that are not its keys are appended
+    to ``overrides`` (flamingo-train overrides for every run)."""
+    spec = OmegaConf.load(path)
+    keyed, passed = [], []
+    for arg in args:
+        key = arg.split("=", 1)[0]
+        (keyed if "=" in arg and key in spec else passed).append(arg)
+    spec = OmegaConf.merge(spec, OmegaConf.from_dotlist(keyed))
+    spec.overrides = list(spec.get("overrides") or []) + passed
+    rows = spec.rows if OmegaConf.is_list(spec.rows) else [spec.rows]
+    spec.rows = [str(r) for r in rows]
+    known = experiments(list(spec.overrides))
+    unknown = sorted(set(spec.rows) - set(known))
+    if unknown:
+        raise ValueError(f"rows {unknown} have no conf/experiment/<row>.yaml; valid rows: {', '.join(known)}")
+    return spec
+
+
+def seeds_of(spec: DictConfig) -> list[int]:
+    """``seeds: N`` -> 0..N-1; ``seeds: [..]`` -> those."""
+    seeds = spec.seeds
+    return [int(s) for s in seeds] if OmegaConf.is_list(seeds) else list(range(int(seeds)))
+
+
+def _value(v) -> str:
+    """A value as a Hydra override writes it."""
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def train_command(spec: DictConfig) -> list[str]:
+    """The flamingo-train multirun: seeds outermost (a partial sweep holds every row), then rows."""
+    return [
+        str(BIN / "flamingo-train"), "-m",
+        "seed=" + ",".join(map(str, seeds_of(spec))),
+        "experiment=" + ",".join(spec.rows),
+        f"scale={spec.scale}",
+        f"hydra/launcher={spec.launcher}",
+        f"hydra.sweep.dir={spec.out}",
+        f"hydra.sweep.subdir={RUN_SUBDIR}",
+        f"logger.group={spec.group}",
+        "run_name=${experiment}-s${seed}",
+        f"force={_value(spec.force)}",
+        *map(str, spec.overrides),
+    ]
+
+
+def _job_overrides(spec: DictConfig) -> list[str]:
+    """The overrides every run of the sweep shares, for compose() (no hydra.* settings)."""
+    extra = [o for o in map(str, spec.overrides) if not o.lstrip("+~").startswith("hydra")]
+    return [f"scale={spec.scale}", *extra]
+
+
+def ensure_world(spec: DictConfig, env: dict) -> Path:
+    """The runs' data.root; writes it with flamingo-data (``worlds[scale]``) when it has no world.json."""
+    from flamingo_lab.config import compose
+
+    root = Path(compose(_job_overrides(spec)).data.root)
+    if (root / "world.json").is_file():
+        return root
+    world = (spec.get("worlds") or {}).get(str(spec.scale))
+    if world is None:
+        raise FileNotFoundError(
+            f"no world at data.root={root} (world.json missing) and the sweep names none to write for "
+            f"scale={spec.scale}: give data.root=<a world or imported data>, or add worlds.{spec.scale}"
+        )
+    print(f"[flamingo-sweep] writing the {world!r} world at {root}", flush=True)
+    subprocess.run([str(BIN / "flamingo-data"), f"world={world}", f"out_dir={root}"], env=env, check=True)
+    return root
+
+
+def run_status(spec: DictConfig) -> dict[tuple[str, int], dict]:
+    """Per (row, seed) of the sweep: status (complete | failed | missing) and error."""
+    out = {}
+    for seed in seeds_of(spec):
+        for row in spec.rows:
+            path = Path(spec.out) / row / f"seed{seed}" / "results.json"
+            try:
+                results = json.loads(path.read_text())
+            except (OSError, ValueError):
+                results = {"status": "missing"}
+            out[row, seed] = {"status": results.get("status", "complete"), "error": results.get("error"),
+                              "path": str(path)}
+    return out
+
+
+def render(sweep_dir: str | Path) -> dict[str, Path]:
+    """Table 3 (markdown, HTML), the tidy runs (CSV) and the plots, written into ``sweep_dir``."""
+    from flamingo_lab.analysis import load_runs, plot_loss_curves, plot_overall, table3, to_html, to_markdown
+
+    sweep_dir = Path(sweep_dir)
+    runs = load_runs(sweep_dir)
+    table = table3(runs)
+    written = {"runs": sweep_dir / "runs.csv", "markdown": sweep_dir / "table3.md", "html": sweep_dir / "table3.html"}
+    runs.to_csv(written["runs"], index=False)
+    written["markdown"].write_text(to_markdown(table))
+    written["html"].write_text(to_html(table))
+    if len(table):
+        written["overall_plot"] = plot_overall(table, sweep_dir / "overall.png")
+        written["loss_plot"] = plot_loss_curves(runs, sweep_dir / "loss_curves.png")
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    spec = load_sweep(argv[0], argv[1:])
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("WANDB_MODE", "offline")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if spec.threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(int(spec.threads))
+    seeds = seeds_of(spec)
+    n = len(spec.rows) * len(seeds)
+    print(f"[flamingo-sweep] {spec.name}: {len(spec.rows)} rows x {len(seeds)} seeds = {n} runs, "
+          f"scale={spec.scale}, launcher={spec.launcher} -> {spec.out}", flush=True)
+
+    if str(spec.render) != "only":
+        ensure_world(spec, env)
+        command = train_command(spec)
+        print("[flamingo-sweep] " + " ".join(f"'{c}'" if "$" in c or " " in c else c for c in command), flush=True)
+        started = time.perf_counter()
+        proc = subprocess.run(command, env=env)
+        print(f"[flamingo-sweep] multirun exited {proc.returncode} after {time.perf_counter() - started:.0f} s",
+              flush=True)
+
+    status = run_status(spec)
+    counts = {s: sum(v["status"] == s for v in status.values()) for s in ("complete", "failed", "missing")}
+    print(f"[flamingo-sweep] {counts['complete']}/{n} complete, {counts['failed']} failed, "
+          f"{counts['missing']} missing", flush=True)
+    for (row, seed), v in status.items():
+        if v["status"] != "complete":
+            print(f"  {row}/seed{seed}: {v['status']}" + (f": {v['error']}" if v["error"] else ""), flush=True)
+    if spec.render and counts["complete"] + counts["failed"]:
+        for what, path in render(spec.out).items():
+            print(f"[flamingo-sweep] {what}: {path}", flush=True)
+        table = Path(spec.out) / "table3.md"
+        print(table.read_text(), flush=True)
+    return 0 if counts["complete"] == n else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

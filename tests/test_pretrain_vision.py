@@ -1,0 +1,111 @@
+"""The vision pretraining stage at the tiny scale: its checkpoint loads into the encoder the Flamingo
+builds, its report holds the zero-shot check, training learns, and the stage is cached."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from flamingo_lab.data.shards import load_world
+from flamingo_lab.models.config import VisionConfig
+from flamingo_lab.models.vision import VisionEncoder, create_timm_model
+from flamingo_lab.pretrain.vision import pretrain_vision
+
+TINY_VISION = {"name": "tiny", "size": "small", "image_size": 32, "timm_kwargs": {}}
+FAST = {"objective": "both", "steps": 40, "batch_size": 16, "lr": 3e-3, "seed": 0, "bf16": False,
+        "warmup": 5, "text_width": 32, "embed_dim": 32, "n_eval": 20}
+
+
+@pytest.fixture(scope="module")
+def world(tiny_world_dir):
+    return load_world(tiny_world_dir)
+
+
+@pytest.fixture(scope="module")
+def pretrained(world, tmp_path_factory):
+    """(out_dir, report) of one short pretraining run of the tiny encoder."""
+    out = tmp_path_factory.mktemp("vision")
+    return out, pretrain_vision(TINY_VISION, world, FAST, out, progress=False)
+
+
+def test_checkpoint_loads_into_the_encoder_with_matching_keys(pretrained):
+    from safetensors.torch import load_file
+
+    out, _ = pretrained
+    path = out / "encoder.safetensors"
+    saved = load_file(str(path))
+    model = create_timm_model(VisionConfig(**TINY_VISION, checkpoint=str(path)))  # fails on any key/shape mismatch
+    assert set(saved) == set(model.state_dict())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    fresh = create_timm_model(VisionConfig(**TINY_VISION))
+    assert any(not torch.equal(v, saved[k]) for k, v in fresh.state_dict().items())  # trained, not the init
+    enc = VisionEncoder(VisionConfig(**TINY_VISION, checkpoint=str(path)))
+    assert enc(torch.zeros(1, 1, 1, 3, 32, 32)).shape == (1, 1, 1, enc.num_tokens, enc.dim)
+
+
+def test_report_holds_zero_shot_figures_and_chance(pretrained, world):
+    _, report = pretrained
+    zs = report["zero_shot"]
+    cfg = world["config"]
+    assert zs["chance"] == pytest.approx({"colour": 1 / len(cfg["colours"]), "shape": 1 / len(cfg["shapes"]),
+                                          "both": 1 / (len(cfg["colours"]) * len(cfg["shapes"]))})
+    for split in ("held_out", "seen"):
+        assert zs[split]["n"] == FAST["n_eval"]
+        for k in ("colour", "shape", "both"):
+            assert 0.0 <= zs[split][k] <= 1.0
+        assert zs[split]["both"] <= min(zs[split]["colour"], zs[split]["shape"])
+    for k in ("steps", "train_seconds", "seconds", "parameters", "retrieval", "heads", "loss"):
+        assert k in report
+    assert report["steps"] == FAST["steps"]
+    assert report["parameters"]["encoder"] == sum(p.numel() for p in create_timm_model(VisionConfig(**TINY_VISION)).parameters())
+
+
+def test_training_lowers_the_losses(pretrained):
+    _, report = pretrained
+    loss = report["loss"]
+    assert loss["contrastive_final"] < loss["contrastive_initial"] - 0.3
+    assert loss["supervised_final"] < loss["supervised_initial"] - 0.3
+    assert len(loss["curve_every_step"]) == FAST["steps"]
+
+
+def test_supervised_objective_trains_the_text_tower_too(world, tmp_path):
+    settings = {**FAST, "objective": "supervised", "steps": 3, "grey": 0.25}
+    report = pretrain_vision(TINY_VISION, world, settings, tmp_path, progress=False)
+    assert report["objective"] == "supervised" and report["heads"]["trained"]
+    assert report["zero_shot"]["text_tower_trained_on"] == "detached encoder output"
+    assert "colour" in report["zero_shot"]["held_out"]
+
+
+def test_unknown_objective_is_rejected(world, tmp_path):
+    with pytest.raises(ValueError, match="objective must be one of"):
+        pretrain_vision(TINY_VISION, world, {**FAST, "objective": "mae"}, tmp_path, progress=False)
+
+
+def test_stage_is_cached_and_points_the_config_at_its_checkpoint(tiny_world_dir, world, tmp_path, monkeypatch):
+    from flamingo_lab.pretrain import stages, vision
+
+    calls = []
+    real = vision.pretrain_vision
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vision, "pretrain_vision", counting)
+    cfg = OmegaConf.create({
+        "model": {"vision": {**TINY_VISION, "checkpoint": None}},
+        "pretrain": {"cache_dir": str(tmp_path / "cache"), "vision": {"enabled": True, **FAST, "steps": 2}},
+    })
+    first = stages._vision_stage(cfg, world, progress=False)
+    checkpoint = cfg.model.vision.checkpoint
+    assert first["built_now"] and len(calls) == 1
+    assert checkpoint.endswith("encoder.safetensors")
+    create_timm_model(VisionConfig(**OmegaConf.to_container(cfg.model.vision)))  # loads the cached weights
+
+    cfg.model.vision.checkpoint = None  # a second run with the same config
+    second = stages._vision_stage(cfg, world, progress=False)
+    assert not second["built_now"] and len(calls) == 1  # reused, not rebuilt
+    assert cfg.model.vision.checkpoint == checkpoint
+    assert second["zero_shot"]["chance"] == first["zero_shot"]["chance"]

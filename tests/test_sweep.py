@@ -1,0 +1,292 @@
+"""The Table 3 study: experiment configs (one per row), the sweep file and command, skip/failure
+semantics of a run, and (slow) the smoke sweep of every row end to end with the notebook on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from flamingo_lab.analysis import PAPER_TABLE3, ROW_ORDER
+from flamingo_lab.config import CONF_DIR, ablation_choices, compose
+from flamingo_lab.sweep import experiments, load_sweep, seeds_of, train_command
+from flamingo_lab.training import run as run_mod
+
+BIN = Path(sys.executable).parent
+REPO = CONF_DIR.parent
+SWEEP = REPO / "sweeps" / "table3.yaml"
+
+#: What each row may change relative to the baseline (prefixes of config keys), and its ablation choices.
+ROW_CHANGES = {
+    "baseline": ([], {}),
+    "no_video": (["data.sources"], {}),
+    "no_image_text": (["data.sources"], {}),
+    "laion": (["data.sources"], {}),
+    "no_m3w": (["data.sources"], {}),
+    "round_robin": (["data.optimisation"], {}),
+    "no_tanh": (["model.xattn.gating"], {"gating": "none"}),
+    "vanilla_xattn": (["model.xattn"], {"xattn": "vanilla", "gating": "none"}),
+    "grafting": (["model.xattn"], {"xattn": "grafting"}),
+    "xattn_middle": (["model.xattn.every"], {"xattn_every": "middle"}),
+    "xattn_every4": (["model.xattn.every"], {"xattn_every": "4"}),
+    "xattn_every2": (["model.xattn.every"], {"xattn_every": "2"}),
+    "resampler_mlp": (["model.resampler"], {"resampler": "mlp"}),
+    "resampler_transformer": (["model.resampler"], {"resampler": "transformer"}),
+    "vision_clip": (["model.vision"], {"vision": "clip_vit_l14"}),
+    "vision_nfnet_f0": (["model.vision"], {"vision": "nfnet_f0"}),
+    "lm_from_scratch": (["model.lm.freeze"], {"lm_freeze": "train_from_scratch"}),
+    "lm_finetuned": (["model.lm.freeze"], {"lm_freeze": "train_pretrained"}),
+    "attend_all_previous": (["model.xattn.attend"], {"attend": "all_previous"}),
+}
+#: Which sources each data row trains on.
+ROW_SOURCES = {
+    "no_video": {"m3w", "ltip", "align"}, "no_image_text": {"m3w", "vtp"},
+    "laion": {"m3w", "laion", "vtp"}, "no_m3w": {"ltip", "align", "vtp"},
+}
+
+
+def _flat(cfg) -> dict:
+    out = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def _sources(cfg) -> set[str]:
+    return {k for k, v in cfg.data.sources.items() if v is not None}
+
+
+def test_every_paper_row_has_an_experiment_and_the_sweep_runs_them_all():
+    assert set(ROW_CHANGES) == set(PAPER_TABLE3) and len(ROW_CHANGES) == 19
+    assert experiments() == sorted(PAPER_TABLE3)
+    spec = load_sweep(SWEEP)
+    assert list(spec.rows) == ROW_ORDER  # the paper's order
+    assert seeds_of(spec) == [0, 1, 2] and spec.scale == "embedded" and spec.launcher == "local"
+    for row in ROW_ORDER:  # two or three lines of difference (+ the @package header and a comment)
+        lines = [ln for ln in (CONF_DIR / "experiment" / f"{row}.yaml").read_text().splitlines()
+                 if ln.strip() and not ln.startswith("#")]
+        assert 2 <= len(lines) <= 3, (row, lines)
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    return compose(["experiment=baseline", "scale=tiny"])
+
+
+def test_baseline_is_the_papers_and_the_default_run_is_unchanged(baseline):
+    assert baseline.experiment == "baseline" and baseline.model.vision.name == "nfnet_f6"
+    assert baseline.model.vision.size == "small"  # the scale still sets the size
+    default = compose(["scale=tiny"])
+    assert default.experiment is None and default.model.vision.name == "tiny"
+    assert _flat(compose(["experiment=baseline", "scale=tiny", "model/vision=tiny"])) == {
+        **_flat(default), "experiment": "baseline"}  # baseline = defaults + NFNet-F6, nothing else
+
+
+@pytest.mark.parametrize("row", ROW_ORDER)
+def test_experiment_differs_from_the_baseline_only_in_its_row(row, baseline):
+    cfg = compose([f"experiment={row}", "scale=tiny"])
+    assert cfg.experiment == row
+    prefixes, choices = ROW_CHANGES[row]
+    base, ours = _flat(baseline), _flat(cfg)
+    changed = {k for k in set(base) | set(ours) if base.get(k) != ours.get(k)} - {"experiment", "run_name"}
+    assert all(any(k.startswith(p) for p in prefixes) for k in changed), (row, sorted(changed))
+    assert bool(changed) == (row != "baseline"), row
+    base_choices, our_choices = ablation_choices(baseline), ablation_choices(cfg)
+    assert {k: v for k, v in our_choices.items() if base_choices.get(k) != v} == choices
+    if row in ROW_SOURCES:
+        assert _sources(cfg) == ROW_SOURCES[row]
+
+
+def test_experiment_applies_after_the_scale():
+    """A row's values win over a scale's (flamingo-3b sets xattn.every=1 and NFNet-F6)."""
+    cfg = compose(["experiment=xattn_every4", "scale=flamingo-3b"])
+    assert cfg.model.xattn.every == 4 and cfg.model.vision.name == "nfnet_f6" and cfg.model.vision.size == "full"
+    assert compose(["experiment=vision_clip", "scale=flamingo-3b"]).model.vision.name == "clip_vit_l14"
+    assert compose(["experiment=vision_nfnet_f0", "scale=embedded"]).model.vision.size == "small"
+
+
+def test_smoke_scale_is_ci_sized():
+    cfg = compose(["experiment=baseline", "scale=smoke"])
+    assert cfg.data.root == "data/tiny" and cfg.trainer.max_steps <= 10
+    assert list(cfg.eval.shots) == [0, 4] and cfg.eval.max_items <= 4
+    assert not cfg.pretrain.lm.enabled and not cfg.pretrain.vision.enabled
+
+
+def test_sweep_command_is_one_multirun_with_a_fixed_folder():
+    spec = load_sweep(SWEEP, ["scale=smoke", "seeds=2", "rows=[baseline,no_m3w]", "force=true",
+                              "trainer.max_steps=3", "hydra.launcher.n_jobs=2"])
+    cmd = train_command(spec)
+    assert cmd[0].endswith("flamingo-train") and cmd[1] == "-m"
+    for arg in ["seed=0,1", "experiment=baseline,no_m3w", "scale=smoke", "hydra/launcher=local",
+                "hydra.sweep.dir=multirun/table3-smoke", "hydra.sweep.subdir=${experiment}/seed${seed}",
+                "logger.group=table3-smoke", "force=true", "trainer.max_steps=3", "hydra.launcher.n_jobs=2"]:
+        assert arg in cmd, (arg, cmd)
+    assert cmd.index("seed=0,1") < cmd.index("experiment=baseline,no_m3w")  # seeds outermost
+    assert load_sweep(SWEEP, ["out=/x/y", "seeds=[3,5]"]).out == "/x/y"
+    assert seeds_of(load_sweep(SWEEP, ["seeds=[3,5]"])) == [3, 5]
+    with pytest.raises(ValueError, match="no_such_row"):
+        load_sweep(SWEEP, ["rows=[baseline,no_such_row]"])
+
+
+@pytest.mark.parametrize("launcher", ["local", "slurm", "slurm_cpu"])
+def test_launcher_configs_compose(launcher):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("train", [f"hydra/launcher={launcher}", "experiment=baseline"], return_hydra_config=True)
+    target = cfg.hydra.launcher._target_
+    if launcher == "local":
+        assert target.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 1
+    else:
+        assert target.endswith("SlurmLauncher") and cfg.hydra.launcher.array_parallelism > 0
+
+
+def test_wandb_tags_name_the_experiment(tmp_path):
+    logger = run_mod.make_logger(compose(["experiment=no_tanh", "scale=tiny"]), tmp_path)
+    tags = logger._wandb_init["tags"]
+    assert "experiment=no_tanh" in tags and "gating=none" in tags and "vision=nfnet_f6" in tags
+
+
+# --- skip and failure semantics of one run (training.run.run), without training ---------------------
+
+@pytest.fixture
+def small_cfg():
+    return compose(["experiment=no_tanh", "scale=tiny"])  # train() is replaced: nothing is logged
+
+
+def test_complete_results_for_the_same_config_are_skipped(small_cfg, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(run_mod, "train", lambda cfg, run_dir: calls.append(1) or {"status": "complete", "new": True})
+    key = run_mod.config_key(small_cfg)
+    (tmp_path / "results.json").write_text(json.dumps({"status": "complete", "config_key": key, "old": True}))
+    assert run_mod.run(small_cfg, tmp_path)["old"] and not calls
+    small_cfg.logger.group = "another-sweep"  # logging settings do not change what is computed
+    assert run_mod.config_key(small_cfg) == key
+    small_cfg.force = True
+    assert run_mod.run(small_cfg, tmp_path)["new"] and len(calls) == 1
+    small_cfg.force, small_cfg.trainer.max_steps = False, 7  # another config: trained again
+    assert run_mod.run(small_cfg, tmp_path)["new"] and len(calls) == 2
+    (tmp_path / "results.json").write_text(json.dumps({"status": "failed", "config_key": run_mod.config_key(small_cfg)}))
+    assert run_mod.run(small_cfg, tmp_path)["new"] and len(calls) == 3  # a failed run is retried
+
+
+def test_failure_is_recorded_then_raised_or_caught(small_cfg, tmp_path, monkeypatch):
+    def boom(cfg, run_dir):
+        raise RuntimeError("boom inside training")
+
+    monkeypatch.setattr(run_mod, "train", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_mod.run(small_cfg, tmp_path / "single")
+    recorded = json.loads((tmp_path / "single" / "results.json").read_text())
+    assert recorded["status"] == "failed" and recorded["error"] == "RuntimeError: boom inside training"
+    assert "boom inside training" in recorded["traceback"] and "Traceback" in recorded["traceback"]
+    assert recorded["experiment"] == "no_tanh" and recorded["config"]["seed"] == 0
+    caught = run_mod.run(small_cfg, tmp_path / "multi", catch=True)  # a multirun: returns, does not raise
+    assert caught["status"] == "failed"
+    assert json.loads((tmp_path / "multi" / "results.json").read_text())["status"] == "failed"
+
+    from flamingo_lab.analysis.table import flatten_results
+
+    row = flatten_results(caught)
+    assert row["status"] == "failed" and row["experiment"] == "no_tanh" and row["seed"] == 0
+    assert row["error"].startswith("RuntimeError")
+
+
+def test_single_run_failure_exits_nonzero_and_is_recorded(tiny_world_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [str(BIN / "flamingo-train"), "experiment=baseline", "scale=tiny", f"data.root={tiny_world_dir}",
+         "logger=none", "model.xattn.every=0", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert proc.returncode != 0
+    recorded = json.loads((run_dir / "results.json").read_text())
+    assert recorded["status"] == "failed" and "every" in recorded["error"], recorded["error"]
+
+
+# --- the smoke sweep of every row, end to end (slow) ------------------------------------------------
+
+BROKEN_ROW = """# @package _global_
+defaults: [baseline]
+model: {xattn: {every: 0}}   # rejected when the model is built, inside training
+experiment: broken
+"""
+
+
+def _sweep(tmp_path, *args) -> tuple[subprocess.CompletedProcess, float]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true")
+    started = time.perf_counter()
+    proc = subprocess.run([str(BIN / "flamingo-sweep"), str(SWEEP), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    return proc, time.perf_counter() - started
+
+
+@pytest.mark.slow
+def test_smoke_sweep_of_every_row_skips_on_rerun_records_failures_and_renders(tmp_path):
+    """Every Table 3 row at scale=smoke (1 seed) plus a broken row: the sweep writes its own tiny world,
+    every row completes, the broken one is recorded as failed without stopping the others; a rerun
+    skips the complete rows; the table, plots and the notebook render from the folder."""
+    extra = tmp_path / "extra_conf" / "experiment"
+    extra.mkdir(parents=True)
+    (extra / "broken.yaml").write_text(BROKEN_ROW)
+    out, world = tmp_path / "sweep", tmp_path / "world"
+    rows = ["baseline", "broken", *ROW_ORDER[1:]]
+    args = ["scale=smoke", "seeds=1", "threads=1", f"out={out}", "rows=[" + ",".join(rows) + "]",
+            f"data.root={world}", f"hydra.searchpath=[file://{extra.parent}]"]
+    proc, first = _sweep(tmp_path, *args)
+    log = proc.stdout[-4000:] + proc.stderr[-8000:]
+    assert proc.returncode == 1, log  # one failed run: not all complete
+    assert (world / "world.json").is_file()  # written by the sweep
+
+    results = {row: json.loads((out / row / "seed0" / "results.json").read_text()) for row in rows}
+    failed = results.pop("broken")
+    assert failed["status"] == "failed" and "every" in failed["error"] and failed["traceback"]
+    for row, r in results.items():
+        assert r["status"] == "complete", (row, r.get("error"), r.get("traceback"))
+        assert r["experiment"] == row and r["seed"] == 0 and r["run_name"] == f"{row}-s0"
+        assert r["eval"]["overall_score"] is not None and r["params"]["total"] > 0
+        assert r["step_time_s"]["median"] > 0 and r["config"]["logger"]["group"] == "table3-smoke"
+        assert r["ablation"] == {**ablation_choices(compose(["experiment=baseline", "scale=smoke"])),
+                                 **ROW_CHANGES[row][1]}
+        assert list((out / row / "seed0" / "wandb").glob("offline-run-*")), row
+    for name in ["table3.md", "table3.html", "overall.png", "loss_curves.png", "runs.csv"]:
+        assert (out / name).is_file(), name
+    table = (out / "table3.md").read_text()
+    assert table.count("\n") == 2 + len(ROW_ORDER)  # header, rule, one line per complete row
+
+    mtimes = {row: (out / row / "seed0" / "results.json").stat().st_mtime for row in results}
+    proc, again = _sweep(tmp_path, *args)
+    assert proc.returncode == 1
+    assert proc.stdout.count("skipped:") + proc.stderr.count("skipped:") == len(ROW_ORDER)
+    assert mtimes == {row: (out / row / "seed0" / "results.json").stat().st_mtime for row in results}
+    assert again < first / 2, (again, first)
+    print(f"smoke sweep of {len(rows)} rows: {first:.0f} s; rerun (all skipped): {again:.0f} s")
+
+    notebook = tmp_path / "table3.ipynb"
+    proc = subprocess.run(
+        [str(BIN / "papermill"), str(REPO / "notebooks" / "table3.ipynb"), str(notebook), "-p", "sweep_dir", str(out),
+         "-k", "python3", "--cwd", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    cells = json.loads(notebook.read_text())["cells"]
+    outputs = [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o["output_type"] == "error"]
+    kinds = {k for o in outputs for k in o.get("data", {})}
+    assert {"text/markdown", "text/html", "image/png"} <= kinds
+    assert any("broken" in json.dumps(o) for o in outputs)  # the failed run is listed
