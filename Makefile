@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run data train test test-fast clean
+.PHONY: setup run data study smoke test test-fast clean
 
 setup: $(STAMP)
 
@@ -26,9 +26,18 @@ $(STAMP): requirements.lock pyproject.toml
 data: setup
 	$(BIN)/flamingo-data
 
-# Main job on the embedded default: write the world (skipped when already there), then train.
+# Main job on the embedded default: write the world (skipped when already there), build or reuse the
+# pretrained LM and vision encoder (cached in data/embedded/cache), train the Table 3 baseline row, evaluate.
 run: data
-	$(BIN)/flamingo-train $(ARGS)
+	$(BIN)/flamingo-train experiment=baseline $(ARGS)
+
+# The whole Table 3 study at the embedded scale (19 rows x 3 seeds; resumable: complete rows are skipped).
+study: setup
+	$(BIN)/flamingo-sweep sweeps/table3.yaml $(ARGS)
+
+# Every row of the study for a few steps on the tiny world (what CI runs inside the tests).
+smoke: setup
+	$(BIN)/flamingo-sweep sweeps/table3.yaml scale=smoke seeds=1 threads=1 $(ARGS)
 
 # Tests use tiny models: one thread per process is faster than two fighting over 2 cores.
 test: setup
@@ -38,4 +47,4 @@ test-fast: setup
 	OMP_NUM_THREADS=1 $(BIN)/pytest -m "not slow" $(ARGS)
 
 clean:
-	rm -rf outputs multirun data/embedded
+	rm -rf outputs multirun data/embedded data/tiny
