@@ -17,6 +17,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from flamingo_lab.models.config import LMConfig
+from flamingo_lab.models.lm import build_lm
+
 log = logging.getLogger(__name__)
 
 #: Fact probes: (template that ends where the answer goes, fact table in world.json).
@@ -35,17 +38,6 @@ def _blocks(tokenizer, paragraphs: list[str], seq_len: int) -> torch.Tensor:
     if n == 0:
         raise ValueError(f"the corpus has {len(ids)} tokens, fewer than one block of seq_len={seq_len}")
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
-
-
-def build_lm(arch: dict[str, Any], tokenizer):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    arch = dict(arch)
-    model_type = arch.pop("model_type")
-    arch.setdefault("vocab_size", len(tokenizer))
-    for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        arch.setdefault(k, getattr(tokenizer, k))
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **arch))
 
 
 @torch.no_grad()
@@ -87,7 +79,7 @@ def pretrain_lm(arch: dict, world: dict, settings: dict, out_dir: Path, progress
     seq_len, batch = int(settings["seq_len"]), int(settings["batch_size"])
     train, val = _blocks(tokenizer, text["train"], seq_len), _blocks(tokenizer, text["val"], seq_len)
 
-    lm = build_lm(arch, tokenizer)
+    lm = build_lm(LMConfig(arch=dict(arch)), tokenizer)  # exactly how the Flamingo builds it from arch
     random_ppl = perplexity(lm, val)
     steps, warmup = int(settings["steps"]), int(settings.get("warmup", 50))
     decay = [p for n, p in lm.named_parameters() if p.ndim >= 2 and "embed" not in n and "wte" not in n]
