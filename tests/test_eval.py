@@ -186,10 +186,32 @@ def task_world(tiny_world_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
-    """A flamingo-import-like folder: a tasks-only manifest (COCO captions and VQAv2)."""
+    """COCO captions and VQAv2 files (written here) imported by flamingo-import's own code."""
+    from flamingo_lab.import_data import run as import_files
+
     root = tmp_path_factory.mktemp("imported")
-    (root / "tasks.json").write_text(json.dumps({"tasks": write_tasks(root, names={"coco", "vqav2"})}))
-    return root
+    images = root / "img"
+    images.mkdir()
+    rng = random.Random(0)
+    for i in range(1, 13):
+        draw([(rng.choice(SHAPES), rng.choice(list(COLOURS)))]).save(
+            images / f"COCO_val2014_{i:012d}.jpg")
+    captions = {"images": [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg"} for i in range(1, 13)],
+                "annotations": [{"image_id": i, "id": 10 * i + k, "caption": f"a red circle number {k}"}
+                                for i in range(1, 13) for k in range(5)]}
+    questions = {"questions": [{"image_id": i, "question": "what colour is the circle?", "question_id": i}
+                               for i in range(1, 13)]}
+    answers = {"annotations": [{"question_id": i, "image_id": i, "answers": [{"answer": "red", "answer_id": j}
+                                                                             for j in range(1, 11)]}
+                               for i in range(1, 13)]}
+    for name, content in (("captions.json", captions), ("q.json", questions), ("a.json", answers)):
+        (root / name).write_text(json.dumps(content))
+    out = root / "real"
+    common = dict(images=str(images), out_dir=str(out), n_support=4, n_test=None, seed=0, shard_size=4,
+                  image_size=32)
+    import_files({"kind": "coco", "captions": str(root / "captions.json"), **common})
+    import_files({"kind": "vqav2", "questions": str(root / "q.json"), "annotations": str(root / "a.json"), **common})
+    return out
 
 
 @pytest.fixture(scope="module")
