@@ -163,3 +163,19 @@ def test_ddp_two_cpu_processes(tiny_world_dir, tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["steps"] == 6 and results["world_size"] == 2
     assert results["config"]["trainer"]["strategy"] == "ddp"
+
+
+def test_eval_curve_records_few_shot_scores_against_steps(tiny_world_dir, tmp_path):
+    from flamingo_lab.training.run import train
+
+    cfg = compose(tiny_overrides(
+        tiny_world_dir, "trainer.max_steps=6", "logger=none", "eval.at_end_of_training=false",
+        "eval.curve.every_n_steps=3", "eval.curve.tasks=[vqav2]", "eval.curve.shots=[0]", "eval.curve.max_items=4",
+    ))
+    results = train(cfg, tmp_path)
+    points = results["eval_curve"]
+    assert [p["step"] for p in points] == [0, 3, 6]
+    for p in points:
+        entry = p["scores"]["vqav2"]["0"]
+        assert 0.0 <= entry["score"] <= 100.0 and any(k.startswith("qtype=") for k in entry["breakdown"])
+    assert "eval" not in results  # the end-of-training evaluation was switched off

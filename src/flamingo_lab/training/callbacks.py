@@ -99,3 +99,46 @@ class LossHistory(pl.Callback):
             "val": self.val_loss,
             "curve": {"step": self.steps, "loss": self.losses},
         }
+
+
+class EvalCurve(pl.Callback):
+    """Few-shot accuracy against training steps: a light evaluation (a few tasks, few items) every
+    ``every_n_steps`` optimiser steps and at the end, kept as ``points`` for results.json.
+
+    ``eval_cfg`` is the run's whole ``eval`` config; ``tasks``, ``shots`` and ``max_items`` narrow it.
+    Runs on rank 0 of a single-process run only (under DDP the other ranks would wait at the next step).
+    """
+
+    def __init__(self, root: str, eval_cfg: dict, every_n_steps: int, tasks, shots, max_items: int):
+        self.root, self.every_n_steps = root, max(1, int(every_n_steps))
+        self.cfg = {**eval_cfg, "tasks": list(tasks) if tasks else None, "shots": list(shots),
+                    "max_items": int(max_items)}
+        self.points: list[dict] = []
+        self._done: set[int] = set()
+
+    def _evaluate(self, trainer, pl_module) -> None:
+        step = trainer.global_step
+        if step in self._done or trainer.world_size > 1:
+            return
+        from flamingo_lab.eval import evaluate_model
+
+        self._done.add(step)
+        started = time.perf_counter()
+        result = evaluate_model(pl_module.model, self.root, self.cfg, progress=False)
+        for cb in trainer.callbacks:  # evaluation time is not training time: keep it out of the step time
+            if isinstance(cb, StepTimer) and cb._mark is not None:
+                cb._mark += time.perf_counter() - started
+        point = {"step": step, "overall": result["overall"], "scores": {
+            task: {k: {"score": r["score"], "breakdown": r.get("breakdown", {})} for k, r in per_k.items()}
+            for task, per_k in result["scores"].items()}}
+        self.points.append(point)
+        flat = {f"curve/{t}_{k}shot": r["score"] for t, per_k in point["scores"].items() for k, r in per_k.items()}
+        if trainer.logger:
+            trainer.logger.log_metrics(flat, step=step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
+            self._evaluate(trainer, pl_module)
+
+    def on_train_start(self, trainer, pl_module):
+        self._evaluate(trainer, pl_module)  # step 0: the untrained gates (the LM alone)

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flamingo_lab.config import ablation_choices
 from flamingo_lab.pretrain import ensure_pretrained
-from flamingo_lab.training.callbacks import GateLogger, LossHistory, StepTimer
+from flamingo_lab.training.callbacks import EvalCurve, GateLogger, LossHistory, StepTimer
 from flamingo_lab.training.datamodule import FlamingoDataModule
 from flamingo_lab.training.module import FlamingoModule
 
@@ -185,6 +185,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     every = int(cfg.trainer.log_every_n_steps)
     timer, gates, history = StepTimer(), GateLogger(every), LossHistory(every)
+    curve = make_eval_curve(cfg)
     ckpt_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=max(every, 50))
     logger = make_logger(cfg, run_dir)
@@ -192,7 +193,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     trainer = pl.Trainer(
         **trainer_kwargs,
         logger=logger,
-        callbacks=[timer, gates, history, checkpoint],
+        callbacks=[timer, gates, history, checkpoint, *([curve] if curve else [])],
         default_root_dir=str(run_dir),
     )
     if logger:
@@ -216,6 +217,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "step_time_s": {"mean": timer.mean, "median": timer.median, "n": len(timer.times)},
         "loss": history.summary(),
         "gates": module.model.gate_values(),
+        "eval_curve": curve.points if curve else None,  # few-shot scores against steps (eval.curve)
         "data": datamodule.skip_counts(),  # samples seen / skipped per source and reason (this rank)
         "wall_time_s": wall,
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count()},
@@ -240,6 +242,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         _write_json(run_dir / "results.json", results)
         log.info("results: %s", run_dir / "results.json")
     return results
+
+
+def make_eval_curve(cfg: DictConfig) -> EvalCurve | None:
+    """The accuracy-against-steps callback when ``eval.curve.every_n_steps`` is set (else None)."""
+    curve = OmegaConf.select(cfg, "eval.curve")
+    if curve is None or not curve.get("every_n_steps"):
+        return None
+    eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
+    eval_cfg.pop("curve", None)
+    return EvalCurve(cfg.data.root, eval_cfg, curve.every_n_steps, curve.get("tasks"), curve.shots, curve.max_items)
 
 
 def evaluate_at_end(model, cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
