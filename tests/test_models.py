@@ -379,3 +379,15 @@ def test_lm_from_a_local_folder(tiny_tokenizer_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.lm(input_ids=ids).logits, model.lm(input_ids=ids).logits)
     assert loaded.parameter_counts()["lm/trainable"] == loaded.parameter_counts()["lm/total"]
+
+
+@pytest.mark.parametrize("name", ["gated", "grafting"])
+def test_no_parameter_is_a_0d_scalar_so_fsdp_can_shard_the_model(tiny_tokenizer_dir, name):
+    """FSDP flattens parameters and refuses 0-d ones ("FSDP doesn't support scalar parameters", seen with
+    trainer=fsdp on a GPU): the tanh gates are shape (1,) and still start at exactly 0."""
+    model = make_model(tiny_tokenizer_dir, name=name)
+    scalars = [n for n, p in model.named_parameters() if p.ndim == 0]
+    assert not scalars, scalars
+    gates = model.gate_parameters()
+    assert gates and all(p.shape == (1,) and p.item() == 0.0 for p in gates)
+    assert set(model.gate_values().values()) == {0.0}

@@ -69,6 +69,32 @@ def test_every_trainer_config_builds_a_lightning_trainer(choice, tmp_path):
     assert type(trainer.strategy).__name__ == expected[choice]
 
 
+def test_fsdp_clips_the_global_norm_through_the_wrapped_module(tiny_world_dir):
+    """Lightning's FSDP precision raises on gradient_clip_algorithm='norm' (Lightning #19235; seen on a GPU
+    run): under FSDP the module clips through the wrapped model's clip_grad_norm_ (the norm over every
+    shard); clipping by value, and every other strategy, still goes through Lightning."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from flamingo_lab.training.module import FlamingoModule
+
+    cfg = OmegaConf.to_container(compose(["scale=tiny", f"data.root={tiny_world_dir}"]), resolve=True)
+    module = FlamingoModule(cfg)
+    calls = []
+    wrapped = SimpleNamespace(clip_grad_norm_=lambda max_norm: calls.append(("fsdp", max_norm)))
+    strategy = FSDPStrategy()
+    strategy.model = wrapped
+    module.trainer = SimpleNamespace(strategy=strategy)
+    module.clip_gradients = lambda opt, gradient_clip_val, gradient_clip_algorithm: calls.append(
+        ("lightning", gradient_clip_val, gradient_clip_algorithm))
+    module.configure_gradient_clipping(None, 1.0, "norm")
+    module.configure_gradient_clipping(None, 0.5, "value")
+    module.trainer = SimpleNamespace(strategy=SimpleNamespace())  # e.g. DDP or a single device
+    module.configure_gradient_clipping(None, 1.0, "norm")
+    assert calls == [("fsdp", 1.0), ("lightning", 0.5, "value"), ("lightning", 1.0, "norm")]
+
+
 def test_compose_equals_command_line_config(tmp_path):
     overrides = ["model/lm=gpt2", "optim.lr=0.01", "trainer.max_steps=7"]
     proc = subprocess.run(

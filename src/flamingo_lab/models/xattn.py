@@ -74,8 +74,9 @@ class GatedCrossAttentionBlock(nn.Module):
         self.xattn = MaskedCrossAttention(dim, dim_media, cfg.heads, cfg.dim_head, cfg.attend)
         self.ffw = feed_forward(dim, cfg.ff_mult)  # LN -> Linear -> Squared ReLU -> Linear
         if cfg.gating == "tanh":
-            self.alpha_xattn = nn.Parameter(torch.zeros(()))  # tanh(0) = 0: the LM starts unchanged
-            self.alpha_dense = nn.Parameter(torch.zeros(()))
+            # shape (1,), not a 0-d scalar: FSDP refuses 0-d parameters (found training with trainer=fsdp on a GPU)
+            self.alpha_xattn = nn.Parameter(torch.zeros(1))  # tanh(0) = 0: the LM starts unchanged
+            self.alpha_dense = nn.Parameter(torch.zeros(1))
 
     def gates(self) -> dict[str, float]:
         """The current gate values tanh(alpha) (1.0 for gating='none')."""
@@ -148,8 +149,8 @@ class GraftLayer(nn.Module):
             self.attn = MaskedCrossAttention(dim, dim_media, cfg.heads, cfg.dim_head, cfg.attend)
         self.ffw = feed_forward(dim, cfg.ff_mult)
         if cfg.gating == "tanh":
-            self.alpha_xattn = nn.Parameter(torch.zeros(()))  # the attention branch's gate
-            self.alpha_dense = nn.Parameter(torch.zeros(()))
+            self.alpha_xattn = nn.Parameter(torch.zeros(1))  # the attention branch gate (shape (1,): FSDP)
+            self.alpha_dense = nn.Parameter(torch.zeros(1))
 
     def gates(self) -> dict[str, float]:
         if self.gating == "none":

@@ -63,6 +63,19 @@ class FlamingoModule(pl.LightningModule):
             self._scale_cache = loss_scale(data) if data.get("sources") else {}
         return self._scale_cache
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip as the trainer says (the paper: global norm 1.0). Lightning's FSDP precision refuses to clip
+        by norm (Lightning issue #19235: the norm over all shards needs the wrapped module), so under FSDP
+        the wrapped module's own ``clip_grad_norm_`` does it; every other strategy takes Lightning's path."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if (gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm"
+                and isinstance(self.trainer.strategy, FSDPStrategy)):
+            self.trainer.strategy.model.clip_grad_norm_(float(gradient_clip_val))
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
+
     def configure_optimizers(self):
         optim = self.cfg["optim"]
         groups = parameter_groups(self.model, optim)
