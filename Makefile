@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run data study smoke test test-fast clean
+.PHONY: setup run data study baseline smoke test test-fast clean
 
 setup: $(STAMP)
 
@@ -26,18 +26,27 @@ $(STAMP): requirements.lock pyproject.toml
 data: setup
 	$(BIN)/flamingo-data
 
-# Main job on the embedded default: write the world (skipped when already there), build or reuse the
-# pretrained LM and vision encoder (cached in data/embedded/cache), train the Table 3 baseline row, evaluate.
-run: data
-	$(BIN)/flamingo-train experiment=baseline $(ARGS)
+STUDY ?= multirun/table3-embedded
 
-# The whole Table 3 study at the embedded scale (19 rows x 3 seeds; resumable: complete rows are skipped).
-study: setup
-	$(BIN)/flamingo-sweep sweeps/table3.yaml $(ARGS)
+# Main job: Flamingo's Table 3 at the embedded scale, from nothing to the rendered table. flamingo-sweep
+# writes the world if missing, builds or reuses the pretrained LM and vision encoders (data/embedded/cache),
+# trains and evaluates 19 rows x 3 seeds (2 at a time; a line per finished run), then writes table3.md/.html,
+# baseline.md, the plots and runs.csv into $(STUDY); the notebook is executed on it last. Interrupted? Run it
+# again: complete runs are skipped. ARGS go to flamingo-sweep (e.g. ARGS="seeds=1").
+run: setup
+	$(BIN)/flamingo-sweep sweeps/table3.yaml out=$(STUDY) $(ARGS); status=$$?; \
+	$(BIN)/papermill --log-level WARNING notebooks/table3.ipynb $(STUDY)/table3.ipynb -p sweep_dir $(STUDY) \
+	  -k python3 && echo "notebook: $(STUDY)/table3.ipynb"; exit $$status
+
+study: run
+
+# One run of the Table 3 baseline row (the world and pretrained parts as above).
+baseline: data
+	$(BIN)/flamingo-train experiment=baseline $(ARGS)
 
 # Every row of the study for a few steps on the tiny world (what CI runs inside the tests).
 smoke: setup
-	$(BIN)/flamingo-sweep sweeps/table3.yaml scale=smoke seeds=1 threads=1 $(ARGS)
+	$(BIN)/flamingo-sweep sweeps/table3.yaml scale=smoke seeds=1 jobs=1 threads=1 $(ARGS)
 
 # Tests use tiny models: one thread per process is faster than two fighting over 2 cores.
 test: setup

@@ -86,13 +86,27 @@ def baseline():
     return compose(["experiment=baseline", "scale=tiny"])
 
 
+#: What the baseline row alone evaluates more of (its close-up: the text control, the curve; at the embedded
+#: scale the other rows evaluate at 4 shots only). Evaluation only: training is the same.
+BASELINE_EVAL = {"eval.controls", "eval.curve.every_n_steps", "eval.shots"}
+
+
+def _training_part(flat: dict) -> dict:
+    return {k: v for k, v in flat.items() if k not in BASELINE_EVAL}
+
+
 def test_baseline_is_the_papers_and_the_default_run_is_unchanged(baseline):
     assert baseline.experiment == "baseline" and baseline.model.vision.name == "nfnet_f6"
     assert baseline.model.vision.size == "small"  # the scale still sets the size
     default = compose(["scale=tiny"])
     assert default.experiment is None and default.model.vision.name == "tiny"
-    assert _flat(compose(["experiment=baseline", "scale=tiny", "model/vision=tiny"])) == {
-        **_flat(default), "experiment": "baseline"}  # baseline = defaults + NFNet-F6, nothing else
+    assert _training_part(_flat(compose(["experiment=baseline", "scale=tiny", "model/vision=tiny"]))) == {
+        **_training_part(_flat(default)), "experiment": "baseline"}  # baseline = defaults + NFNet-F6, nothing else
+    assert list(baseline.eval.controls) == ["text"] and list(default.eval.controls) == []
+    embedded = {row: compose([f"experiment={row}", "scale=embedded"]).eval for row in ("baseline", "no_m3w")}
+    assert embedded["baseline"].curve.every_n_steps == 50 and list(embedded["baseline"].shots) == [0, 4]
+    assert embedded["no_m3w"].curve.every_n_steps is None and list(embedded["no_m3w"].shots) == [4]
+    assert list(compose(["scale=embedded"]).eval.shots) == [0, 4]  # a run of no row: both
 
 
 @pytest.mark.parametrize("row", ROW_ORDER)
@@ -101,7 +115,7 @@ def test_experiment_differs_from_the_baseline_only_in_its_row(row, baseline):
     assert cfg.experiment == row
     prefixes, choices = ROW_CHANGES[row]
     base, ours = _flat(baseline), _flat(cfg)
-    changed = {k for k in set(base) | set(ours) if base.get(k) != ours.get(k)} - {"experiment", "run_name"}
+    changed = {k for k in set(base) | set(ours) if base.get(k) != ours.get(k)} - {"experiment", "run_name"} - BASELINE_EVAL
     assert all(any(k.startswith(p) for p in prefixes) for k in changed), (row, sorted(changed))
     assert bool(changed) == (row != "baseline"), row
     base_choices, our_choices = ablation_choices(baseline), ablation_choices(cfg)
@@ -135,6 +149,9 @@ def test_sweep_command_is_one_multirun_with_a_fixed_folder():
                 "logger.group=table3-smoke", "force=true", "trainer.max_steps=3", "hydra.launcher.n_jobs=2"]:
         assert arg in cmd, (arg, cmd)
     assert cmd.index("seed=0,1") < cmd.index("experiment=baseline,no_m3w")  # seeds outermost
+    assert cmd.index("hydra.launcher.n_jobs=2") > cmd.index("force=true")  # the sweep's jobs, then overrides win
+    assert "hydra.launcher.n_jobs=1" in train_command(load_sweep(SWEEP, ["jobs=1"]))
+    assert not any("n_jobs" in c for c in train_command(load_sweep(SWEEP, ["launcher=slurm"])))
     assert load_sweep(SWEEP, ["out=/x/y", "seeds=[3,5]"]).out == "/x/y"
     assert seeds_of(load_sweep(SWEEP, ["seeds=[3,5]"])) == [3, 5]
     with pytest.raises(ValueError, match="no_such_row"):
@@ -246,7 +263,7 @@ def test_smoke_sweep_of_every_row_skips_on_rerun_records_failures_and_renders(tm
     (extra / "broken.yaml").write_text(BROKEN_ROW)
     out, world = tmp_path / "sweep", tmp_path / "world"
     rows = ["baseline", "broken", *ROW_ORDER[1:]]
-    args = ["scale=smoke", "seeds=1", "threads=1", f"out={out}", "rows=[" + ",".join(rows) + "]",
+    args = ["scale=smoke", "seeds=1", "jobs=1", "threads=1", f"out={out}", "rows=[" + ",".join(rows) + "]",
             f"data.root={world}", f"hydra.searchpath=[file://{extra.parent}]"]
     proc, first = _sweep(tmp_path, *args)
     log = proc.stdout[-4000:] + proc.stderr[-8000:]
@@ -264,8 +281,12 @@ def test_smoke_sweep_of_every_row_skips_on_rerun_records_failures_and_renders(tm
         assert r["ablation"] == {**ablation_choices(compose(["experiment=baseline", "scale=smoke"])),
                                  **ROW_CHANGES[row][1]}
         assert list((out / row / "seed0" / "wandb").glob("offline-run-*")), row
-    for name in ["table3.md", "table3.html", "overall.png", "loss_curves.png", "runs.csv"]:
+    for name in ["table3.md", "table3.html", "overall.png", "loss_curves.png", "runs.csv", "baseline.md"]:
         assert (out / name).is_file(), name
+    # the baseline row alone carries the text-description control, reported beside its image scores
+    assert results["baseline"]["eval"]["controls"]["text"]["vqav2"]["4"]["n"] > 0
+    assert not results["no_m3w"]["eval"]["controls"]
+    assert "| vqav2 | all |" in (out / "baseline.md").read_text() and "text control" in (out / "baseline.md").read_text()
     table = (out / "table3.md").read_text()
     assert table.count("\n") == 2 + len(ROW_ORDER)  # header, rule, one line per complete row
 
@@ -290,3 +311,19 @@ def test_smoke_sweep_of_every_row_skips_on_rerun_records_failures_and_renders(tm
     kinds = {k for o in outputs for k in o.get("data", {})}
     assert {"text/markdown", "text/html", "image/png"} <= kinds
     assert any("broken" in json.dumps(o) for o in outputs)  # the failed run is listed
+
+
+@pytest.mark.slow
+def test_two_runs_side_by_side_in_worker_processes_with_progress_lines(tmp_path):
+    """jobs=2 (the embedded default): runs go to joblib's loky worker processes, whose default start
+    method DataLoader workers cannot use; the loader names its own, every run completes, and the sweep
+    prints a line per finished run instead of interleaved progress bars."""
+    out = tmp_path / "sweep"
+    proc, _ = _sweep(tmp_path, "scale=smoke", "seeds=2", "jobs=2", "threads=1", f"out={out}", "rows=[baseline]",
+                     f"data.root={tmp_path / 'world'}", "data.num_workers=1", "render=false")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    for seed in (0, 1):
+        r = json.loads((out / "baseline" / f"seed{seed}" / "results.json").read_text())
+        assert r["status"] == "complete" and r["config"]["data"]["num_workers"] == 1
+        assert r["config"]["trainer"]["enable_progress_bar"] is False
+    assert "2/2 runs finished" in proc.stdout

@@ -2,7 +2,7 @@
 flamingo-train, then its table and plots.
 
     flamingo-sweep sweeps/table3.yaml                              # 19 rows x 3 seeds, scale=embedded
-    flamingo-sweep sweeps/table3.yaml scale=smoke seeds=1 threads=1
+    flamingo-sweep sweeps/table3.yaml scale=smoke seeds=1 jobs=1 threads=1
     flamingo-sweep sweeps/table3.yaml rows=[baseline,no_m3w] force=true out=multirun/mine
     flamingo-sweep sweeps/table3.yaml render=only                  # only (re)write the table and plots
 
@@ -86,6 +86,9 @@ def train_command(spec: DictConfig) -> list[str]:
         f"logger.group={spec.group}",
         "run_name=${experiment}-s${seed}",
         f"force={_value(spec.force)}",
+        *([f"hydra.launcher.n_jobs={int(spec.jobs)}"] if spec.launcher == "local" and spec.get("jobs") else []),
+        # runs side by side would interleave their progress bars: the sweep prints a line per finished run
+        *(["trainer.enable_progress_bar=false"] if spec.launcher == "local" and int(spec.get("jobs") or 1) > 1 else []),
         *map(str, spec.overrides),
     ]
 
@@ -129,6 +132,41 @@ def run_status(spec: DictConfig) -> dict[tuple[str, int], dict]:
     return out
 
 
+def _clock(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min {int(seconds % 60):02d} s"
+
+
+def report_progress(spec: DictConfig, proc: subprocess.Popen, started: float, every: float = 10.0) -> None:
+    """While the multirun runs: a line each time runs finish (complete or failed), with the elapsed time
+    and an estimate of what is left. Runs already complete when the sweep started are counted as to be
+    skipped (a changed config reruns them, which the estimate then under-counts)."""
+    total = len(spec.rows) * len(seeds_of(spec))
+    wall_start = time.time()
+
+    def finished(since: float) -> int:
+        n = 0
+        for v in run_status(spec).values():
+            if v["status"] in ("complete", "failed"):
+                n += Path(v["path"]).stat().st_mtime >= since
+        return n
+
+    todo = total - sum(v["status"] == "complete" for v in run_status(spec).values())  # failed ones run again
+    last, running = 0, True
+    while running:
+        try:
+            proc.wait(timeout=every)
+            running = False  # one last look after the multirun has exited
+        except subprocess.TimeoutExpired:
+            pass
+        new = finished(wall_start)
+        if new != last:
+            elapsed = time.perf_counter() - started
+            eta = f", ~{_clock((todo - new) * elapsed / new)} left" if new < todo else ""
+            print(f"[flamingo-sweep] {new}/{todo} runs finished, {_clock(elapsed)} elapsed{eta}", flush=True)
+            last = new
+
+
 def render(sweep_dir: str | Path) -> dict[str, Path]:
     """Table 3 (markdown, HTML), the tidy runs (CSV) and the plots, written into ``sweep_dir``."""
     from flamingo_lab.analysis import load_runs, plot_loss_curves, plot_overall, table3, to_html, to_markdown
@@ -143,6 +181,14 @@ def render(sweep_dir: str | Path) -> dict[str, Path]:
     if len(table):
         written["overall_plot"] = plot_overall(table, sweep_dir / "overall.png")
         written["loss_plot"] = plot_loss_curves(runs, sweep_dir / "loss_curves.png")
+    if ((runs["experiment"] == "baseline") & (runs["status"] == "complete")).any():
+        from flamingo_lab.analysis import breakdown_markdown, breakdown_table, plot_eval_curve
+
+        written["baseline"] = sweep_dir / "baseline.md"  # per question type, chance, the text control
+        written["baseline"].write_text(breakdown_markdown(breakdown_table(runs)))
+        curve = plot_eval_curve(runs, sweep_dir / "eval_curve.png")
+        if curve is not None:
+            written["eval_curve_plot"] = curve
     return written
 
 
@@ -169,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = train_command(spec)
         print("[flamingo-sweep] " + " ".join(f"'{c}'" if "$" in c or " " in c else c for c in command), flush=True)
         started = time.perf_counter()
-        proc = subprocess.run(command, env=env)
+        proc = subprocess.Popen(command, env=env)
+        report_progress(spec, proc, started)
         print(f"[flamingo-sweep] multirun exited {proc.returncode} after {time.perf_counter() - started:.0f} s",
               flush=True)
 

@@ -24,6 +24,15 @@ from flamingo_lab.data.shards import load_world, make_source_stream
 from flamingo_lab.models import load_tokenizer
 
 
+def worker_context():
+    """The start method of the loader workers, named rather than inherited: inside a sweep's joblib (loky)
+    worker the inherited default is loky's own, whose processes DataLoader cannot start ("'Process' object
+    has no attribute 'env'"). fork where the platform has it (Linux's default), else spawn."""
+    import multiprocessing as mp
+
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
 class FlamingoDataModule(pl.LightningDataModule):
     """Per-source training loaders (infinite, seeded) and a finite validation pass, all at fixed shapes.
 
@@ -90,6 +99,7 @@ class FlamingoDataModule(pl.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0 and persistent,
             drop_last=True,  # fixed batch shape
+            multiprocessing_context=worker_context() if workers > 0 else None,
         )
 
     def train_loaders(self, start_step: int = 0) -> dict[str, DataLoader]:
