@@ -129,3 +129,44 @@ def test_one_seed_per_row_renders_without_intervals(tmp_path):
     assert row["agrees"] and math.isnan(row["delta_ci"])  # one seed: a direction, no interval
     same = table.set_index("experiment").loc["attend_all_previous"]
     assert same["agrees"] is None  # no change at all is not "the paper's way"
+
+
+def _baseline_run(folder, seed, colour, control, curve_scores):
+    """A baseline results.json with a per-question-type breakdown, a text control and an eval curve."""
+    folder.mkdir(parents=True)
+    def entry(score, extra=True):
+        e = {"metric": "vqa_accuracy", "n": 40, "score": score,
+             "breakdown": {"qtype=colour": {"n": 20, "score": score, **({"chance": 22.0, "majority": 30.0} if extra else {})},
+                           "qtype=count": {"n": 20, "score": 90.0, **({"chance": 40.0, "majority": 50.0} if extra else {})}}}
+        return e
+    results = {
+        "experiment": "baseline", "status": "complete", "config": {"seed": seed},
+        "eval": {"scores": {"vqav2": {"0": entry(colour - 10), "4": entry(colour)}}, "overall_shots": 4,
+                 "controls": {"text": {"vqav2": {"4": entry(control, extra=False)}}}},
+        "eval_curve": [{"step": s, "scores": {"vqav2": {"4": {"score": v, "breakdown": {"qtype=colour": {"score": v / 2}}}}}}
+                       for s, v in curve_scores],
+    }
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def test_baseline_breakdown_puts_chance_majority_and_the_text_control_beside_the_scores(tmp_path):
+    from flamingo_lab.analysis import breakdown_markdown, breakdown_table, curve_frame, load_runs, plot_eval_curve
+
+    _baseline_run(tmp_path / "baseline" / "seed0", 0, colour=60.0, control=90.0, curve_scores=[(0, 10.0), (50, 40.0)])
+    _baseline_run(tmp_path / "baseline" / "seed1", 1, colour=70.0, control=80.0, curve_scores=[(0, 20.0), (50, 60.0)])
+    runs = load_runs(tmp_path)
+    table = breakdown_table(runs)
+    colour = table[(table["task"] == "vqav2") & (table["group"] == "qtype=colour")].iloc[0]
+    assert colour["4-shot"] == pytest.approx(65.0) and colour["0-shot"] == pytest.approx(55.0)
+    assert colour["4-shot ci"] == pytest.approx(12.706 * 5.0)  # t_{0.975}(1) * s / sqrt(2), s = 7.07
+    assert colour["text control"] == pytest.approx(85.0) and colour["chance"] == 22.0 and colour["seeds"] == 2
+    assert list(table["group"][:1]) == ["all"]  # the whole task first, then its groups
+    md = breakdown_markdown(table)
+    assert "| vqav2 | qtype=colour | 20 | 2 |" in md and "+43.0" in md  # 65 - 22 points above chance
+    curve = curve_frame(runs)
+    mean = curve[(curve["group"] == "all")].groupby("step")["score"].mean()
+    assert mean.to_dict() == {0: 15.0, 50: 50.0}
+    assert set(curve["group"]) == {"all", "qtype=colour"}
+    assert plot_eval_curve(runs, tmp_path / "curve.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="no complete run of 'no_m3w'"):
+        breakdown_table(runs, experiment="no_m3w")

@@ -355,7 +355,7 @@ def test_tiny_trained_model_end_to_end_and_flamingo_eval_cli(task_world, importe
     assert "eval/overall" in content["metrics"] and "eval/vqav2_vqa_accuracy_2shot" in content["metrics"]
 
 
-def test_breakdown_per_question_type_and_held_out_with_majority_baseline():
+def test_breakdown_per_question_type_and_held_out_with_majority_and_chance():
     from flamingo_lab.eval.harness import breakdown
     from flamingo_lab.eval.tasks import Item, Task
 
@@ -368,5 +368,51 @@ def test_breakdown_per_question_type_and_held_out_with_majority_baseline():
     assert out["qtype=colour"]["n"] == 3
     assert out["qtype=colour"]["score"] == pytest.approx(200 / 3)
     assert out["qtype=colour"]["majority"] == pytest.approx(200 / 3)  # always "red": 2 of 3
-    assert out["qtype=count"] == {"n": 1, "score": 0.0, "majority": 100.0}
+    assert out["qtype=colour"]["chance"] == pytest.approx(50.0)  # "red" 2/3 or "blue" 1/3, either at random
+    assert out["qtype=count"] == {"n": 1, "score": 0.0, "majority": 100.0, "chance": 100.0}
     assert out["held_out=True"]["score"] == pytest.approx(50.0) and out["held_out=False"]["n"] == 2
+
+
+# ---------------------------------------------------------------- the text-description control
+
+
+def test_text_control_puts_each_scenes_words_where_its_image_stood(tiny_world_dir, imported, tmp_path):
+    """eval.controls=[text]: every <image> becomes the words for that image (the caption the world
+    wrote for it), the prompt has no image, the scores land beside the image scores; imported files
+    (no scene metadata) are skipped with the reason."""
+    from flamingo_lab.config import compose
+    from flamingo_lab.data.world import scene_text
+    from flamingo_lab.eval import evaluate_model
+    from flamingo_lab.models import build_flamingo
+    from omegaconf import OmegaConf
+
+    tasks = load_tasks(tiny_world_dir)
+    for name in ("coco", "vatex"):  # a still and a clip: the words are the world's own first caption
+        items = read_items(tasks[name].test, tasks[name].frames, limit=5)
+        assert [scene_text(it.meta["scene"]) for it in items] == [it.captions[0] for it in items]
+    task = tasks["vqav2"]
+    support = read_items(task.support, task.frames, limit=2)
+    query = read_items(task.test, task.frames, limit=1)[0]
+    template = "<image>Question: {question} Answer: {answer}<|endofchunk|>"
+    p = build_prompt(template, task, support, query, describe=True)
+    assert "<image>" not in p.text and p.images == []
+    assert p.text.endswith(f"{scene_text(query.meta['scene'])} Question: {query.question} Answer:")
+    assert p.text.startswith(f"{scene_text(support[0].meta['scene'])} Question: {support[0].question}")
+    plain = build_prompt(template, task, support, query)
+    assert plain.text.count("<image>") == 3 and len(plain.images) == 3
+
+    torch.manual_seed(0)
+    model = build_flamingo(compose(["scale=tiny", f"data.root={tiny_world_dir}"]).model).eval()
+    cfg = OmegaConf.to_container(compose(["scale=tiny", f"data.root={tiny_world_dir}"]).eval, resolve=True)
+    cfg.update(max_items=4, shots=[0, 2], batch_size=4, tasks=["vqav2", "msvdqa"], controls=["text"])
+    res = evaluate_model(model, tiny_world_dir, cfg, progress=False)
+    for t in ("vqav2", "msvdqa"):
+        ctl = res["controls"]["text"][t]
+        assert set(ctl) == {"0", "2"} and ctl["2"]["n"] == 4 and "breakdown" in ctl["2"]
+        assert f"eval_text/{t}_{ctl['2']['metric']}_2shot" in res["metrics"]
+    cfg.update(tasks=None)
+    res = evaluate_model(model, imported, cfg, progress=False)
+    assert all("skipped" in v for v in res["controls"]["text"].values()) and res["scores"]["vqav2"]["2"]["n"] == 4
+    with pytest.raises(ValueError, match="control must be 'text'"):
+        from flamingo_lab.eval.harness import TaskEvaluator
+        TaskEvaluator(model, task, {**cfg, "max_items": 1}, progress=False).prompts(2, control="audio")

@@ -12,8 +12,17 @@ def _first_set(*values):
     return next((v for v in values if v not in (None, "None", "null", "")), None)
 
 
+def _if_row(row, then, otherwise, *, _root_):
+    """``${if_row:baseline,a,b}``: ``a`` in a run of that experiment row (``experiment``), else ``b``."""
+    value = then if str(_root_.get("experiment")) == str(row) else otherwise
+    # a list or dict as a config node: OmegaConf.resolve (hydra --cfg job --resolve) refuses plain ones
+    return OmegaConf.create(value) if isinstance(value, (list, dict)) else value
+
+
 if not OmegaConf.has_resolver("first_set"):
     OmegaConf.register_new_resolver("first_set", _first_set)
+if not OmegaConf.has_resolver("if_row"):
+    OmegaConf.register_new_resolver("if_row", _if_row)
 
 #: The repository's conf/ folder (the package is installed editable from src/).
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"

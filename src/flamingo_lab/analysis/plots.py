@@ -18,6 +18,15 @@ def _plt():
     return plt
 
 
+def save(fig, path: str | Path) -> Path:
+    """Lay out, write as PNG, free the figure; returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
 def plot_overall(table: pd.DataFrame, path: str | Path) -> Path:
     """Horizontal bars of Overall (mean, 95% CI over seeds) per row, grouped by the paper's axis."""
     plt = _plt()
@@ -33,11 +42,7 @@ def plot_overall(table: pd.DataFrame, path: str | Path) -> Path:
         ax.axvline(float(base.iloc[0]), color="k", lw=0.8, ls="--", label="baseline")
         ax.legend(loc="best", fontsize=8)
     ax.set_xlabel("Overall score (mean ± 95% CI over seeds)")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_loss_curves(runs: pd.DataFrame, path: str | Path) -> Path:
@@ -56,8 +61,4 @@ def plot_loss_curves(runs: pd.DataFrame, path: str | Path) -> Path:
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("training loss")
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -21,7 +21,7 @@ from flamingo_lab.data.tokenizer import EOC_TOKEN
 from flamingo_lab.models.generation import continuation_logprobs, generate
 
 from . import metrics as M
-from .prompts import Prompt, SupportSampler, build_prompt, target_text, templates_for, vision_features
+from .prompts import Prompt, SupportSampler, build_prompt, has_scene, target_text, templates_for, vision_features
 from .tasks import Item, Task, is_embedded_world, load_tasks, read_items
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,9 @@ def _score(task: Task, items: list[Item], preds: list[str]) -> float:
 
 def breakdown(task: Task, items: list[Item], preds: list[str], keys=("qtype", "held_out")) -> dict:
     """The task's metric per value of each item field in ``keys`` (e.g. per question type, and on
-    held-out attribute combinations vs seen ones), with the item count and the majority-answer baseline."""
+    held-out attribute combinations vs seen ones), with the item count, the majority-answer baseline and
+    chance (the mean score of always giving one of the group's answers, over its distinct answers: a
+    uniform guess among them)."""
     out: dict[str, dict] = {}
     for key in keys:
         values = sorted({str(it.meta[key]) for it in items if key in it.meta})
@@ -121,8 +123,10 @@ def breakdown(task: Task, items: list[Item], preds: list[str], keys=("qtype", "h
             entry = {"n": len(idx), "score": _score(task, sub_items, sub_preds)}
             if task.metric != "cider":  # what always giving the most common answer of this group scores
                 targets = [target_text(task, it) for it in sub_items]
-                majority = max(set(targets), key=targets.count)
-                entry["majority"] = _score(task, sub_items, [majority] * len(sub_items))
+                classes = sorted(set(targets))
+                per_class = {c: _score(task, sub_items, [c] * len(sub_items)) for c in classes}
+                entry["majority"] = max(per_class.values())
+                entry["chance"] = sum(per_class.values()) / len(classes)
             out[f"{key}={value}"] = entry
     return out
 
@@ -152,17 +156,21 @@ class TaskEvaluator:
             self.query_features = vision_features(model, self.test, self.image_size)
         self.sampler = SupportSampler(task, self.support, method=method, seed=int(cfg.get("seed", 0)), features=feats)
 
-    def prompts(self, k: int) -> list[Prompt]:
+    def prompts(self, k: int, control: str | None = None) -> list[Prompt]:
+        """The k-shot prompts; ``control="text"``: each image replaced by its scene's description."""
+        if control not in (None, "text"):
+            raise ValueError(f"eval control must be 'text' (the scene's description in place of the image); got {control!r}")
+        describe = control == "text"
         out = []
         for i, q in enumerate(self.test):
             qf = self.query_features[i] if self.sampler.method == "rices" and self.support else None
             if k == 0:  # the paper's 0-shot: two text-only examples, then the query
                 n_text = int(self.cfg.get("zero_shot_text_examples", 2))
                 shots = self.sampler.sample(q, n_text, None)
-                out.append(build_prompt(self.template, self.task, shots, q, text_only=True))
+                out.append(build_prompt(self.template, self.task, shots, q, text_only=True, describe=describe))
             else:
                 shots = self.sampler.sample(q, k, qf)
-                out.append(build_prompt(self.template, self.task, shots, q))
+                out.append(build_prompt(self.template, self.task, shots, q, describe=describe))
         return out
 
     def _batch(self, rows, masks=None):
@@ -217,10 +225,10 @@ class TaskEvaluator:
         best = logp.argmax(-1).tolist()
         return [classes[b] for b in best], logp.tolist()
 
-    def run(self, k: int) -> dict[str, Any]:
+    def run(self, k: int, control: str | None = None) -> dict[str, Any]:
         started = time.perf_counter()
-        prompts = self.prompts(k)
-        desc = f"{self.task.name} {k}-shot"
+        prompts = self.prompts(k, control)
+        desc = f"{self.task.name} {k}-shot" + (f" ({control} control)" if control else "")
         out: dict[str, Any] = {"metric": self.task.metric, "n": len(prompts)}
         if self.decoding.get("mode", "generate") == "rank":
             classes = _classes(self.task, self.support, self.test)
@@ -283,6 +291,8 @@ def evaluate_model(model, root: str | Path, cfg: Mapping, *, out_dir: str | Path
     model.eval()
     scores: dict[str, dict[str, Any]] = {}
     oracle: dict[str, float] = {}
+    controls = list(cfg.get("controls") or [])
+    control_scores: dict[str, dict[str, Any]] = {c: {} for c in controls}
     try:
         for name, task in tasks.items():
             ev = TaskEvaluator(model, task, cfg, progress=progress)
@@ -300,6 +310,16 @@ def evaluate_model(model, root: str | Path, cfg: Mapping, *, out_dir: str | Path
                 scores[name][str(k)] = res
                 log.info("%s %d-shot: %s %.2f (%d items, %.1fs)", name, k, task.metric, res["score"], res["n"],
                          res["seconds"])
+            for control in controls:
+                if not all(has_scene(it) for it in ev.test + ev.support):
+                    control_scores[control][name] = {"skipped": "items without scene metadata (not an embedded world)"}
+                    continue
+                control_scores[control][name] = {}
+                for k in shots:
+                    res = ev.run(k, control)
+                    res.pop("predictions")
+                    control_scores[control][name][str(k)] = res
+                    log.info("%s %d-shot, %s control: %s %.2f", name, k, control, task.metric, res["score"])
     finally:
         model.train(was_training)
     refs = resolve_references(cfg, tasks, oracle, is_embedded_world(root))
@@ -316,6 +336,11 @@ def evaluate_model(model, root: str | Path, cfg: Mapping, *, out_dir: str | Path
             metrics[f"eval/{t}_{res['metric']}_{k}shot"] = res["score"]
             if res.get("roc_auc") is not None:
                 metrics[f"eval/{t}_roc_auc_{k}shot"] = res["roc_auc"]
+    for control, per_task in control_scores.items():
+        for t, per_k in per_task.items():
+            for k, res in per_k.items():
+                if isinstance(res, dict) and "score" in res:
+                    metrics[f"eval_{control}/{t}_{res['metric']}_{k}shot"] = res["score"]
     for k, v in overall.items():
         if v is not None:
             metrics[f"eval/overall_{k}shot"] = v
@@ -323,7 +348,7 @@ def evaluate_model(model, root: str | Path, cfg: Mapping, *, out_dir: str | Path
         metrics["eval/overall"] = overall[str(main_k)]
     result = {
         "root": str(root), "shots": shots, "support": cfg.get("support", "random"), "scores": scores,
-        "references": refs, "oracle": oracle, "overall_tasks": overall_tasks, "overall": overall,
+        "controls": control_scores, "references": refs, "oracle": oracle, "overall_tasks": overall_tasks, "overall": overall,
         "overall_shots": main_k, "overall_score": overall[str(main_k)], "metrics": metrics,
         "wall_time_s": time.perf_counter() - started,
     }

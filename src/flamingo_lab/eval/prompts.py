@@ -54,10 +54,42 @@ def render(template: str, item: Item, answer: str | None, with_image: bool = Tru
     return text
 
 
-def build_prompt(template: str, task: Task, support: Sequence[Item], query: Item, *, text_only: bool = False) -> Prompt:
-    """Support examples (text only for 0-shot) then the query; images in the order they stand."""
-    parts = [render(template, s, target_text(task, s), with_image=not text_only) for s in support]
-    parts.append(render(template, query, None))
+def has_scene(item: Item) -> bool:
+    """Whether the item carries the scene metadata the text-description control needs (embedded worlds)."""
+    scene = item.meta.get("scene")
+    return isinstance(scene, dict) and isinstance(scene.get("objects"), list)
+
+
+def item_text(item: Item) -> str:
+    """The words that stand for an item's image in the text-description control (its scene metadata,
+    written by the embedded world)."""
+    from flamingo_lab.data.world import scene_text
+
+    scene = item.meta.get("scene")
+    if not has_scene(item):
+        raise ValueError(f"item {item.id} has no scene metadata: the text-description control needs an "
+                         "embedded world (flamingo-data), not imported benchmark files")
+    return scene_text(scene)
+
+
+def build_prompt(template: str, task: Task, support: Sequence[Item], query: Item, *, text_only: bool = False,
+                 describe: bool = False) -> Prompt:
+    """Support examples (text only for 0-shot) then the query; images in the order they stand.
+
+    ``describe``: the text-description control -- every ``<image>`` is replaced by the words for that
+    image (``item_text``) and the prompt has no images, so a failure can be placed before (vision,
+    cross-attention) or after (the LM) the point where the image enters.
+    """
+    def one(item: Item, answer: str | None, with_image: bool) -> str:
+        text = render(template, item, answer, with_image=with_image)
+        if describe and with_image:
+            text = text.replace(MEDIA_TOKEN, item_text(item) + " ", 1)
+        return text
+
+    parts = [one(s, target_text(task, s), not text_only) for s in support]
+    parts.append(one(query, None, True))
+    if describe:
+        return Prompt("".join(parts), [], query)
     images = [] if text_only else [s.images for s in support]
     return Prompt("".join(parts), images + [query.images], query)
 
