@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from collections import Counter
 
@@ -127,13 +128,25 @@ def test_facts_only_in_the_corpus_and_frequent_there():
     for shape in cfg.shapes:
         assert corpus.count(THINGS[shape]) >= 200
     fact_words = set(FRUITS.values()) | set(THINGS.values())
-    for i in range(200):
-        texts = make_doc_sample(cfg, "train", i)["json"]["text_list"] + [make_pair(cfg, "train", i, s)["txt"]
-                                                                       for s in ("ltip", "align", "laion")]
-        assert not fact_words & set(" ".join(texts).replace(".", " ").split())
+    knowledge = 0
+    for i in range(300):
+        pairs = [make_pair(cfg, "train", i, s)["txt"] for s in ("ltip", "align", "laion")]
+        assert not fact_words & set(" ".join(pairs).replace(".", " ").split())
+        doc = make_doc_sample(cfg, "train", i)["json"]
+        for k, text in enumerate(doc["text_list"]):  # pages name a fruit or thing only as a quiz answer
+            words = set(text.replace(".", " ").replace("?", " ").split())
+            if not words & fact_words:
+                continue
+            assert text.startswith("Question: which fruit") or text.startswith("Question: what thing"), text
+            info = next(x for x in doc["image_info"] if x["matched_text_index"] == k)  # about its own image
+            answer = text.rsplit("Answer: ", 1)[1]
+            assert answer in {FRUITS[o["colour"]] for o in info["scene"]["objects"]} | \
+                {THINGS[o["shape"]] for o in info["scene"]["objects"]}
+            knowledge += 1
+    assert knowledge > 20  # quiz_types asks knowledge questions about pictures; the facts stay in the corpus
 
 
-def test_prompt_formats_only_inside_m3w_pages():
+def test_prompt_formats_in_m3w_pages_and_video_qa_pairs_not_in_image_pairs():
     cfg = _cfg()
     docs = [make_doc_sample(cfg, "train", i)["json"] for i in range(300)]
     kinds = Counter(d["page_kind"] for d in docs)
@@ -145,6 +158,11 @@ def test_prompt_formats_only_inside_m3w_pages():
             cap = make_pair(cfg, "train", i, s)["txt"]
             assert "Question" not in cap and "Output" not in cap
         assert "Output" not in make_video_pair(cfg, "train", i)["txt"]
+    videos = [make_video_pair(cfg, "train", i) for i in range(400)]
+    qa = [v for v in videos if v["json"]["text_kind"] == "qa"]
+    assert 0.15 < len(qa) / len(videos) < 0.35  # vtp_qa = 0.25 of the clips carry a question and its answer
+    assert all(v["txt"].startswith("Question: ") and " Answer: " in v["txt"] for v in qa)
+    assert not any("Question" in v["txt"] for v in videos if v["json"]["text_kind"] == "caption")
 
 
 def test_game_pages_give_labels_only_in_context():
@@ -196,3 +214,23 @@ def test_world_config_rejects_bad_values():
         WorldConfig(frames=12)
     with pytest.raises(ValueError, match="page_kinds"):
         WorldConfig(page_kinds={"poem": 1.0})
+
+
+def test_corpus_holds_each_paragraph_kind_in_the_evaluation_formats():
+    """Facts, described scenes with questions (knowledge ones too), the renaming game in words and clips
+    with questions; none of them shows a held-out colour-shape pair."""
+    cfg = _cfg()
+    paragraphs = [corpus_paragraph(cfg, "train", i) for i in range(400)]
+    games = [p for p in paragraphs if "Question: what colour is it? Answer:" in p]
+    assert len(games) > 40
+    for g in games[:20]:  # a renamed colour is answered with the same fresh word each time it comes back
+        items = re.findall(r"a (?:small|big) (\w+) \w+ in the [\w ]+\. Question: what colour is it\? Answer: (\w+)", g)
+        assert items and all(len({w for c2, w in items if c2 == c}) == 1 for c, _ in items)
+    assert any("Question: which fruit has the colour of" in p for p in paragraphs)
+    assert any(re.search(r"(appears|disappears|moves|turns|goes|changes)[^.]*\. Question: ", p) for p in paragraphs)
+    held = [f"{c} {s}" for c, s in cfg.held_out]
+    assert not any(h in p for h in held for p in paragraphs)
+    with pytest.raises(ValueError, match="corpus_kinds"):
+        WorldConfig(corpus_kinds={"poetry": 1.0})
+    with pytest.raises(ValueError, match="quiz_types"):
+        WorldConfig(quiz_types=["smell"])

@@ -44,13 +44,13 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from PIL import Image, ImageDraw
 
 log = logging.getLogger(__name__)
 
-WORLD_FORMAT = "flamingo-lab-world/2"
+WORLD_FORMAT = "flamingo-lab-world/3"
 MANIFEST = "world.json"
 SPLITS = ("train", "val")
 SOURCES = ("m3w", "ltip", "align", "laion", "vtp")
@@ -71,7 +71,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
 }
 
-#: Knowledge facts (OKVQA-like): stated only in the text corpus, never next to an image.
+#: Knowledge facts (OKVQA-like): stated only in the text corpus; m3w quiz pages ask knowledge questions
+#: about their images (quiz_types) without stating the fact.
 FRUITS = {"red": "cherry", "green": "lime", "blue": "blueberry", "yellow": "banana", "purple": "plum",
           "orange": "mango", "white": "coconut"}
 THINGS = {"circle": "wheel", "square": "window", "triangle": "tent", "star": "starfish", "cross": "bandage"}
@@ -121,7 +122,8 @@ SHAPES: dict[str, Callable] = {
     "cross": _cross,
 }
 
-SIZES: dict[str, float] = {"small": 0.45, "big": 0.85}  # object radius as a fraction of half a cell
+SIZES: dict[str, float] = {"small": 0.6, "big": 0.9}  # object radius as a fraction of half a cell
+# (small was 0.45: ~7 px across at 32 px, and the pretrained encoder named held-out small shapes 62% right)
 
 CELL_NAMES = ("top left", "top right", "bottom left", "bottom right")  # 2x2 grid, reading order
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
@@ -180,7 +182,7 @@ class WorldConfig:
     episode_test: int = 6
     held_out_share: float = 0.3  # share of test items whose target object is a held-out combination
     # text corpus (paragraphs)
-    n_corpus_train: int = 4000
+    n_corpus_train: int = 6000
     n_corpus_val: int = 200
     shard_size: int = 1000  # at most this many samples per shard ...
     min_shards: int = 4  # ... and at least this many shards per split and source (nodes x workers)
@@ -200,6 +202,15 @@ class WorldConfig:
     align_noise: float = 0.4  # share of ALIGN captions that are partial, reordered or wrong
     laion_vague: float = 0.25  # share of LAION captions that say nothing about the image ...
     laion_wrong: float = 0.15  # ... and that name a wrong colour or shape
+    vtp_qa: float = 0.25  # share of video-text pairs whose text is a question and its answer about the clip
+    # text corpus paragraph kinds -> weight: facts and descriptions; described scenes with questions
+    # (knowledge questions too: the text form of okvqa); the colour-renaming game in words; clips with questions
+    corpus_kinds: dict[str, float] = field(
+        default_factory=lambda: {"facts": 0.4, "qa": 0.25, "game": 0.25, "video_qa": 0.1}
+    )
+    # question types that m3w quiz and mixed pages ask (QUESTION_TYPES, KNOWLEDGE_TYPES): web pages ask about
+    # what an image shows and about what one knows of it; the facts themselves are stated in the corpus only
+    quiz_types: list[str] = field(default_factory=lambda: ["colour", "shape", "count", "position", "fruit", "thing"])
     # m3w page kinds -> weight
     page_kinds: dict[str, float] = field(
         default_factory=lambda: {"describe": 0.3, "quiz": 0.25, "gallery": 0.15, "game": 0.2, "mixed": 0.1}
@@ -210,6 +221,12 @@ class WorldConfig:
         self.backgrounds = list(self.backgrounds)
         self.held_out = [list(p) for p in self.held_out]
         self.page_kinds = dict(self.page_kinds)
+        self.corpus_kinds = dict(self.corpus_kinds)
+        self.quiz_types = list(self.quiz_types)
+        bad = [q for q in self.quiz_types if q not in QUESTION_TYPES + KNOWLEDGE_TYPES]
+        if bad or not self.quiz_types:
+            raise ValueError(f"world.quiz_types must be a non-empty list of {list(QUESTION_TYPES + KNOWLEDGE_TYPES)}; "
+                             f"got {self.quiz_types}")
         for what, chosen, known in (
             ("shapes", self.shapes, SHAPES),
             ("colours", self.colours, COLOURS),
@@ -263,7 +280,10 @@ class WorldConfig:
         unknown = sorted(set(self.page_kinds) - set(PAGE_KINDS))
         if unknown or not any(w > 0 for w in self.page_kinds.values()):
             raise ValueError(f"world.page_kinds must weight some of {sorted(PAGE_KINDS)}; unknown {unknown}")
-        for k in ("held_out_share", "align_noise", "laion_vague", "laion_wrong"):
+        unknown = sorted(set(self.corpus_kinds) - set(CORPUS_KINDS))
+        if unknown or not any(w > 0 for w in self.corpus_kinds.values()):
+            raise ValueError(f"world.corpus_kinds must weight some of {sorted(CORPUS_KINDS)}; unknown {unknown}")
+        for k in ("held_out_share", "align_noise", "laion_vague", "laion_wrong", "vtp_qa"):
             if not 0 <= getattr(self, k) <= 1:
                 raise ValueError(f"world.{k} must be in [0, 1]; got {getattr(self, k)}")
 
@@ -409,6 +429,20 @@ def describe(scene: Scene) -> str:
 
 def caption(scene: Scene) -> str:
     return describe(scene) + "."
+
+
+def scene_text(meta: Mapping[str, Any]) -> str:
+    """The words for an image or clip from its ``scene`` metadata (``Scene.meta()`` / ``Clip.meta()``):
+    the caption the corpus uses for a still, the first caption variant for a clip. The evaluation's
+    text-description control puts this in place of the image."""
+    try:
+        objects = [Obj(o["shape"], o["colour"], o["size"], int(o["cell"])) for o in meta["objects"]]
+    except (KeyError, TypeError) as exn:
+        raise ValueError(f"scene metadata without objects (shape, colour, size, cell): {meta!r}") from exn
+    scene = Scene(objects, tuple(meta.get("background", (0, 0, 0))), [(0.0, 0.0)] * len(objects))
+    if "event" in meta:
+        return clip_caption(Clip(scene, int(meta["actor"]), meta["event"], meta["detail"]))
+    return caption(scene)
 
 
 def caption_variants(rng: random.Random, scene: Scene, k: int = 5) -> list[str]:
@@ -636,7 +670,7 @@ def _page(rng: random.Random, cfg: WorldConfig, kind: str, n_img: int) -> tuple[
         mapping = dict(zip(cfg.colours, names))
         palette = rng.sample(cfg.colours, min(len(cfg.colours), rng.randint(2, 3)))
         extra = {"mapping": mapping}
-    qtype = rng.choice(QUESTION_TYPES)  # a quiz page asks one kind of question, as a worksheet does
+    qtype = rng.choice(cfg.quiz_types)  # a quiz page asks one kind of question, as a worksheet does
     for _ in range(n_img):
         matched.append(len(text))
         if kind == "gallery" or (kind == "mixed" and rng.random() < 0.5):
@@ -646,7 +680,7 @@ def _page(rng: random.Random, cfg: WorldConfig, kind: str, n_img: int) -> tuple[
             s = sample_scene(rng, cfg, n=1, target={"colour": rng.choice(palette)})
             text.append(VQA_FORMAT.format(question="what colour is it?", answer=mapping[s.objects[0].colour]))
         else:
-            s, q, a = make_question(rng, cfg, qtype if kind == "quiz" else rng.choice(QUESTION_TYPES), False)
+            s, q, a = make_question(rng, cfg, qtype if kind == "quiz" else rng.choice(cfg.quiz_types), False)
             text.append(VQA_FORMAT.format(question=q, answer=a))
         scenes.append(s)
         if kind == "mixed" and rng.random() < 0.5:
@@ -728,8 +762,13 @@ def make_video_pair(cfg: WorldConfig, split: str, index: int) -> dict:
     sample = {"__key__": f"{split}-vtp-{index:07d}"}
     for f, img in enumerate(render_clip(clip, cfg)):
         sample[f"{f}.png"] = png_bytes(img)
-    sample["txt"] = clip_caption(clip, rng.randrange(4))
-    sample["json"] = {"scene": clip.meta(), "frames": cfg.frames, "split": split, "index": index}
+    variant = rng.randrange(4)
+    if rng.random() < cfg.vtp_qa:  # a clip with a question and its answer (a web video's Q&A text)
+        _, q, a = clip_question(rng, clip)
+        sample["txt"], kind = VQA_FORMAT.format(question=q, answer=a), "qa"
+    else:
+        sample["txt"], kind = clip_caption(clip, variant), "caption"
+    sample["json"] = {"scene": clip.meta(), "frames": cfg.frames, "split": split, "index": index, "text_kind": kind}
     return sample
 
 
@@ -825,9 +864,40 @@ _THING_FACTS = ("a {thing} has the shape of a {shape}.", "the {thing} looks like
                 "Question: what thing has the shape of a {shape}? Answer: {thing}")
 
 
+CORPUS_KINDS = ("facts", "qa", "game", "video_qa")
+
+
 def corpus_paragraph(cfg: WorldConfig, split: str, index: int) -> str:
-    """A paragraph: scene descriptions and event sentences, with a fact every other sentence or so."""
+    """A paragraph of one of ``cfg.corpus_kinds``: scene descriptions and event sentences with a fact
+    every other sentence or so (facts); described scenes each followed by a question and its answer,
+    knowledge questions included (qa: what an image's text says, in words); the colour-renaming game
+    with the colours named in words (game); clip descriptions with questions (video_qa). The question
+    formats are the evaluation prompts' (``VQA_FORMAT``); no scene here is a held-out combination."""
     rng = _rng(cfg, split, "corpus", index)
+    kinds = [k for k in CORPUS_KINDS if cfg.corpus_kinds.get(k, 0) > 0]
+    kind = rng.choices(kinds, weights=[cfg.corpus_kinds[k] for k in kinds])[0]
+    if kind == "qa":
+        items = []
+        for _ in range(rng.randint(2, 4)):
+            s, q, a = make_question(rng, cfg, rng.choice(QUESTION_TYPES + KNOWLEDGE_TYPES), False)
+            items.append(f"{caption(s)} {VQA_FORMAT.format(question=q, answer=a)}")
+        return " ".join(items)
+    if kind == "game":
+        mapping = dict(zip(cfg.colours, rng.sample(NONSENSE, len(cfg.colours))))
+        palette = rng.sample(cfg.colours, min(len(cfg.colours), rng.randint(2, 3)))
+        items = [rng.choice(_GAME_INTROS)] if rng.random() < 0.4 else []
+        for _ in range(rng.randint(3, 6)):
+            s = sample_scene(rng, cfg, n=1, target={"colour": rng.choice(palette)})
+            answer = mapping[s.objects[0].colour]
+            items.append(f"{caption(s)} {VQA_FORMAT.format(question='what colour is it?', answer=answer)}")
+        return " ".join(items)
+    if kind == "video_qa":
+        items = []
+        for _ in range(rng.randint(2, 3)):
+            clip = sample_clip(rng, cfg)
+            _, q, a = clip_question(rng, clip)
+            items.append(f"{clip_caption(clip, rng.randrange(4))} {VQA_FORMAT.format(question=q, answer=a)}")
+        return " ".join(items)
     sentences = []
     for _ in range(rng.randint(3, 6)):
         r = rng.random()
