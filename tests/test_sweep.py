@@ -327,3 +327,38 @@ def test_two_runs_side_by_side_in_worker_processes_with_progress_lines(tmp_path)
         assert r["status"] == "complete" and r["config"]["data"]["num_workers"] == 1
         assert r["config"]["trainer"]["enable_progress_bar"] is False
     assert "2/2 runs finished" in proc.stdout
+
+
+def test_progress_lines_count_finished_runs_and_estimate_from_the_rate_after_the_first(tmp_path, monkeypatch, capsys):
+    """A line each time runs finish; runs complete before the sweep started are not to do; the estimate
+    uses the rate after the first finish (the first runs also wait for the pretraining stages)."""
+    import flamingo_lab.sweep as sweep_mod
+
+    spec = load_sweep(SWEEP, ["rows=[baseline,no_m3w]", "seeds=2"])
+    paths = {(r, s): tmp_path / f"{r}{s}.json" for r in ("baseline", "no_m3w") for s in (0, 1)}
+    done_before = {("baseline", 0)}
+    paths[("baseline", 0)].write_text("{}")
+    os.utime(paths[("baseline", 0)], (0, 0))  # finished long before this sweep
+    finishing = [("baseline", 1), ("no_m3w", 0), ("no_m3w", 1)]  # one more per poll
+    state = {"polls": 0}
+
+    def fake_status(_spec):
+        return {k: {"status": "complete" if k in done_before or k in finishing[:state["polls"]] else "missing",
+                    "path": str(p), "error": None} for k, p in paths.items()}
+
+    class FakeProc:
+        def wait(self, timeout=None):
+            state["polls"] += 1
+            for k in finishing[:state["polls"]]:
+                paths[k].write_text("{}")
+            if state["polls"] < 3:
+                raise subprocess.TimeoutExpired("flamingo-train", timeout)
+            return 0
+
+    clock = iter([100.0, 160.0, 220.0])
+    monkeypatch.setattr(sweep_mod, "run_status", fake_status)
+    sweep_mod.report_progress(spec, FakeProc(), started=0.0, every=0.0, clock=lambda: next(clock))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "runs finished" in ln]
+    assert lines == ["[flamingo-sweep] 1/3 runs finished, 1 min 40 s elapsed",
+                     "[flamingo-sweep] 2/3 runs finished, 2 min 40 s elapsed, ~1 min 00 s left",
+                     "[flamingo-sweep] 3/3 runs finished, 3 min 40 s elapsed"]

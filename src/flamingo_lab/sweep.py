@@ -137,7 +137,8 @@ def _clock(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min {int(seconds % 60):02d} s"
 
 
-def report_progress(spec: DictConfig, proc: subprocess.Popen, started: float, every: float = 10.0) -> None:
+def report_progress(spec: DictConfig, proc: subprocess.Popen, started: float, every: float = 10.0,
+                    clock=time.perf_counter) -> None:
     """While the multirun runs: a line each time runs finish (complete or failed), with the elapsed time
     and an estimate of what is left. Runs already complete when the sweep started are counted as to be
     skipped (a changed config reruns them, which the estimate then under-counts)."""
@@ -152,7 +153,7 @@ def report_progress(spec: DictConfig, proc: subprocess.Popen, started: float, ev
         return n
 
     todo = total - sum(v["status"] == "complete" for v in run_status(spec).values())  # failed ones run again
-    last, running = 0, True
+    last, running, first = 0, True, None
     while running:
         try:
             proc.wait(timeout=every)
@@ -161,8 +162,11 @@ def report_progress(spec: DictConfig, proc: subprocess.Popen, started: float, ev
             pass
         new = finished(wall_start)
         if new != last:
-            elapsed = time.perf_counter() - started
-            eta = f", ~{_clock((todo - new) * elapsed / new)} left" if new < todo else ""
+            elapsed = clock() - started
+            if first is None:
+                first = (new, elapsed)  # the rate is taken after it: the first runs also wait for pretraining
+            rate = (elapsed - first[1]) / (new - first[0]) if new > first[0] else None
+            eta = f", ~{_clock((todo - new) * rate)} left" if rate and new < todo else ""
             print(f"[flamingo-sweep] {new}/{todo} runs finished, {_clock(elapsed)} elapsed{eta}", flush=True)
             last = new
 
