@@ -25,6 +25,7 @@ def test_lm_stage_learns_and_is_cached_and_loaded(tiny_world_dir, tmp_path):
     # learned something real: held-out perplexity far below a random model's
     assert first["val_perplexity"] < 0.5 * first["random_val_perplexity"], first
     assert 0.0 <= first["facts"]["recall"] <= 1.0 and first["facts"]["n"] > 0
+    assert 0.0 <= first["game"]["copy"] <= 1.0 and first["game"]["n"] > 0  # the renaming game in words
     assert cfg.model.lm.path == first["path"] and cfg.model.lm.tokenizer == first["path"]
 
     again_cfg = lm_stage_cfg(tiny_world_dir, tmp_path)
@@ -67,3 +68,41 @@ def test_an_interrupted_build_leaves_no_cache(tiny_world_dir, tmp_path):
     folder, report, built = ensure_stage("lm", {"a": 1}, world, tmp_path, lambda out: {"ok": True})
     assert built and report["ok"] and not (folder / "half.bin").exists()
     assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+class _GameLM:
+    """A stand-in causal LM for the renaming-game probe: it reads the prompt back and puts all its logit
+    on one word: the word given to the query's colour (``bind``) or the first fresh word shown."""
+
+    def __init__(self, tokenizer, bind: bool):
+        self.tokenizer, self.bind = tokenizer, bind
+
+    def eval(self):
+        return self
+
+    def __call__(self, input_ids):
+        import re
+        from types import SimpleNamespace
+
+        text = self.tokenizer.decode(input_ids[0], skip_special_tokens=True)
+        item = r"(red|green|blue|yellow|purple) \w+ in the [\w ]+?\. question : what colour is it\? answer :"
+        items, query = re.findall(item + r" (\w+)", text), re.findall(item + "$", text)  # (the tokenizer lowercases)
+        assert len(items) == 4 and len(query) == 1, text
+        word = dict(items)[query[0]] if self.bind else items[0][1]
+        logits = torch.zeros(1, input_ids.shape[1], len(self.tokenizer))
+        logits[0, -1, self.tokenizer.convert_tokens_to_ids(word)] = 1.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_game_probe_tells_binding_from_repeating_a_word_shown(tiny_world_dir):
+    """The LM stage's in-context check: an LM that binds each fresh word to its colour copies the right
+    one every time; one that repeats a word it was shown is right about as often as a guess among them."""
+    from flamingo_lab.data.shards import load_world, load_world_tokenizer
+    from flamingo_lab.pretrain.lm import game_copy
+
+    world, tokenizer = load_world(tiny_world_dir), load_world_tokenizer(tiny_world_dir)
+    binds = game_copy(_GameLM(tokenizer, bind=True), tokenizer, world["config"], n=60)
+    repeats = game_copy(_GameLM(tokenizer, bind=False), tokenizer, world["config"], n=60)
+    assert binds["copy"] == 1.0 and binds["n"] == 60
+    assert 0.15 < repeats["copy"] < 0.7 and abs(repeats["copy"] - repeats["guess_among_shown"]) < 0.2, repeats
+    assert game_copy(_GameLM(tokenizer, bind=True), tokenizer, None) is None  # imported worlds: no generator

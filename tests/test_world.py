@@ -226,6 +226,17 @@ def test_corpus_holds_each_paragraph_kind_in_the_evaluation_formats():
     for g in games[:20]:  # a renamed colour is answered with the same fresh word each time it comes back
         items = re.findall(r"a (?:small|big) (\w+) \w+ in the [\w ]+\. Question: what colour is it\? Answer: (\w+)", g)
         assert items and all(len({w for c2, w in items if c2 == c}) == 1 for c, _ in items)
+    # most answers can be copied from an earlier item, and only by matching its colour: the words shown
+    # before differ, so repeating one of them is not enough (what a 3-layer LM learns from short games)
+    copyable = ambiguous = total = 0
+    for g in games:
+        items = re.findall(r"a (?:small|big) (\w+) \w+ in the [\w ]+\. Question: what colour is it\? Answer: (\w+)", g)
+        for k, (c, _) in enumerate(items):
+            total += 1
+            if c in {c2 for c2, _ in items[:k]}:
+                copyable += 1
+                ambiguous += len({w for _, w in items[:k]}) > 1
+    assert copyable / total > 0.4 and ambiguous / copyable > 0.8, (copyable, ambiguous, total)
     assert any("Question: which fruit has the colour of" in p for p in paragraphs)
     assert any(re.search(r"(appears|disappears|moves|turns|goes|changes)[^.]*\. Question: ", p) for p in paragraphs)
     held = [f"{c} {s}" for c, s in cfg.held_out]

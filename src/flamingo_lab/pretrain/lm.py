@@ -66,6 +66,37 @@ def fact_recall(lm, tokenizer, facts: dict[str, dict[str, str]]) -> dict[str, An
     return {"recall": right / max(len(items), 1), "n": len(items), "items": items}
 
 
+@torch.no_grad()
+def game_copy(lm, tokenizer, world_config: dict | None, n: int = 200, shots: int = 4) -> dict[str, Any] | None:
+    """The colour-renaming game in words (the in-context task without images): episodes of ``shots``
+    described objects, each answered with its colour's fresh word, then a query whose colour was shown.
+    The share of greedy next words that copy the right word, against a uniform guess among the words shown.
+    Flamingo's in-context ability is the frozen LM's: an LM that cannot do this cannot do it with images.
+    None for worlds without a generator config (imported data)."""
+    from flamingo_lab.data.world import NONSENSE, VQA_FORMAT, WorldConfig, caption, sample_scene
+
+    if not world_config:
+        return None
+    cfg = WorldConfig(**world_config)
+    rng = random.Random(f"{cfg.seed}/lm-game-probe")
+    lm.eval()
+    right, guess, done = 0, 0.0, 0
+    while done < n:
+        mapping = dict(zip(cfg.colours, rng.sample(NONSENSE, len(cfg.colours))))
+        shown = [rng.choice(cfg.colours) for _ in range(shots)]
+        query = rng.choice(shown)
+        items = [f"{caption(sample_scene(rng, cfg, n=1, target={'colour': c}))} "
+                 + VQA_FORMAT.format(question="what colour is it?", answer=mapping[c]) for c in shown]
+        prompt = " ".join(items) + " " + caption(sample_scene(rng, cfg, n=1, target={"colour": query})) + " " \
+            + VQA_FORMAT.format(question="what colour is it?", answer="").rstrip()
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]])
+        pred = tokenizer.convert_ids_to_tokens(int(lm(input_ids=ids).logits[0, -1].argmax()))
+        right += pred == mapping[query]
+        guess += 1 / len(set(shown))
+        done += 1
+    return {"copy": right / n, "guess_among_shown": guess / n, "n": n, "shots": shots}
+
+
 def pretrain_lm(arch: dict, world: dict, settings: dict, out_dir: Path, progress: bool = True) -> dict:
     """Train, check and save (``save_pretrained`` + tokenizer) into ``out_dir``; return the report."""
     from transformers import AutoTokenizer
@@ -117,11 +148,14 @@ def pretrain_lm(arch: dict, world: dict, settings: dict, out_dir: Path, progress
         "val_perplexity": perplexity(lm, val),
         "random_val_perplexity": random_ppl,
         "facts": fact_recall(lm, tokenizer, world.get("facts", {})),
+        "game": game_copy(lm, tokenizer, world.get("config")),
         "parameters": sum(p.numel() for p in lm.parameters()),
     }
     lm.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    log.info("LM pretraining: val perplexity %.2f (random %.1f), fact recall %.2f, %.0f s",
-             report["val_perplexity"], random_ppl, report["facts"]["recall"], report["seconds"])
+    game = report["game"] or {}
+    log.info("LM pretraining: val perplexity %.2f (random %.1f), fact recall %.2f, renaming game in words %s, %.0f s",
+             report["val_perplexity"], random_ppl, report["facts"]["recall"],
+             f"{game['copy']:.2f} (guess {game['guess_among_shown']:.2f})" if game else "n/a", report["seconds"])
     return report
