@@ -83,6 +83,9 @@ def test_every_prompt_and_answer_word_is_in_the_tokenizer(world, tiny_world_dir)
                     words.update(text.lower().replace("?", " ").replace(".", " ").replace(",", " ").replace(":", " ").split())
     missing = sorted(w for w in words if w not in vocab)
     assert not missing
+    # the corpus writes <|endofchunk|> between question items: one special token, never words of its own
+    corpus = (tiny_world_dir / world["corpus"]["train"]).read_text()
+    assert "<|endofchunk|>" in corpus and not {"endofchunk", "<", "|", ">"} & set(vocab)
 
 
 def _cfg(**kw) -> WorldConfig:
@@ -237,6 +240,8 @@ def test_corpus_holds_each_paragraph_kind_in_the_evaluation_formats():
                 copyable += 1
                 ambiguous += len({w for _, w in items[:k]}) > 1
     assert copyable / total > 0.4 and ambiguous / copyable > 0.8, (copyable, ambiguous, total)
+    # as on Flamingo's pages and in its prompts, half the games end each item with <|endofchunk|>
+    assert 0.3 < sum("Answer: " in g and "<|endofchunk|>" in g for g in games) / len(games) < 0.7
     assert any("Question: which fruit has the colour of" in p for p in paragraphs)
     assert any(re.search(r"(appears|disappears|moves|turns|goes|changes)[^.]*\. Question: ", p) for p in paragraphs)
     held = [f"{c} {s}" for c, s in cfg.held_out]

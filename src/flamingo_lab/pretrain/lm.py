@@ -67,34 +67,39 @@ def fact_recall(lm, tokenizer, facts: dict[str, dict[str, str]]) -> dict[str, An
 
 
 @torch.no_grad()
-def game_copy(lm, tokenizer, world_config: dict | None, n: int = 200, shots: int = 4) -> dict[str, Any] | None:
-    """The colour-renaming game in words (the in-context task without images): episodes of ``shots``
-    described objects, each answered with its colour's fresh word, then a query whose colour was shown.
-    The share of greedy next words that copy the right word, against a uniform guess among the words shown.
+def game_copy(lm, tokenizer, world_config: dict | None, template: str | None = None, n: int = 200,
+              shots: int = 4) -> dict[str, Any] | None:
+    """The colour-renaming game in words (the in-context task without images): ``shots`` described objects,
+    each answered with its colour's fresh word, then a query whose colour was shown, all in the evaluation's
+    ``template`` with the scene's words in place of the image (the text-description control's prompt). The
+    share of greedy next words that copy the right word, against a uniform guess among the words shown.
     Flamingo's in-context ability is the frozen LM's: an LM that cannot do this cannot do it with images.
     None for worlds without a generator config (imported data)."""
+    from flamingo_lab.data.tokenizer import EOC_TOKEN, MEDIA_TOKEN
     from flamingo_lab.data.world import NONSENSE, VQA_FORMAT, WorldConfig, caption, sample_scene
 
     if not world_config:
         return None
     cfg = WorldConfig(**world_config)
+    template = (template or MEDIA_TOKEN + VQA_FORMAT + EOC_TOKEN).replace("{question}", "what colour is it?")
     rng = random.Random(f"{cfg.seed}/lm-game-probe")
+
+    def item(colour: str, answer: str | None) -> str:
+        text = template.replace("{answer}", answer) if answer else template[: template.index("{answer}")].rstrip()
+        return text.replace(MEDIA_TOKEN, caption(sample_scene(rng, cfg, n=1, target={"colour": colour})) + " ", 1)
+
     lm.eval()
-    right, guess, done = 0, 0.0, 0
-    while done < n:
+    right, guess = 0, 0.0
+    for _ in range(n):
         mapping = dict(zip(cfg.colours, rng.sample(NONSENSE, len(cfg.colours))))
         shown = [rng.choice(cfg.colours) for _ in range(shots)]
         query = rng.choice(shown)
-        items = [f"{caption(sample_scene(rng, cfg, n=1, target={'colour': c}))} "
-                 + VQA_FORMAT.format(question="what colour is it?", answer=mapping[c]) for c in shown]
-        prompt = " ".join(items) + " " + caption(sample_scene(rng, cfg, n=1, target={"colour": query})) + " " \
-            + VQA_FORMAT.format(question="what colour is it?", answer="").rstrip()
+        prompt = "".join(item(c, mapping[c]) for c in shown) + item(query, None)
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]])
         pred = tokenizer.convert_ids_to_tokens(int(lm(input_ids=ids).logits[0, -1].argmax()))
         right += pred == mapping[query]
         guess += 1 / len(set(shown))
-        done += 1
-    return {"copy": right / n, "guess_among_shown": guess / n, "n": n, "shots": shots}
+    return {"copy": right / n, "guess_among_shown": guess / n, "n": n, "shots": shots, "template": template}
 
 
 def pretrain_lm(arch: dict, world: dict, settings: dict, out_dir: Path, progress: bool = True) -> dict:
@@ -148,7 +153,7 @@ def pretrain_lm(arch: dict, world: dict, settings: dict, out_dir: Path, progress
         "val_perplexity": perplexity(lm, val),
         "random_val_perplexity": random_ppl,
         "facts": fact_recall(lm, tokenizer, world.get("facts", {})),
-        "game": game_copy(lm, tokenizer, world.get("config")),
+        "game": game_copy(lm, tokenizer, world.get("config"), world.get("prompts", {}).get("vqa")),
         "parameters": sum(p.numel() for p in lm.parameters()),
     }
     lm.save_pretrained(out_dir)
