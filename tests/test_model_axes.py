@@ -233,12 +233,19 @@ def test_impossible_choices_fail_at_compose_or_build(overrides, message, tiny_to
 
 def test_optimiser_groups_per_part(tiny_tokenizer_dir):
     model, cfg = build(tiny_tokenizer_dir, "model.lm.freeze=train_pretrained", "optim.gate_lr_mult=10",
-                       "optim.groups.xattn.lr_mult=0.5", "optim.groups.lm.weight_decay=0.01")
+                       "optim.dense_gate_lr_mult=2", "optim.groups.xattn.lr_mult=0.5",
+                       "optim.groups.lm.weight_decay=0.01")
     groups = {g["name"]: g for g in parameter_groups(model, cfg.optim)}
     lr = cfg.optim.lr
-    assert {n.split("/")[0] for n in groups} == {"resampler", "xattn", "gates", "lm", "embeddings"}
+    assert {n.split("/")[0] for n in groups} == {"resampler", "xattn", "gates", "dense_gates", "lm", "embeddings"}
     assert groups["resampler"]["weight_decay"] == 0.0  # paper: no weight decay on the resampler
     assert groups["gates/no_decay"]["lr"] == pytest.approx(10 * lr) and groups["gates/no_decay"]["weight_decay"] == 0
+    # the cross-attention gates and the dense gates each get their own lr
+    assert {n.rsplit(".", 1)[-1] for n, p in model.named_parameters()
+            if any(p is q for q in groups["gates/no_decay"]["params"])} == {"alpha_xattn"}
+    assert all(p.shape == (1,) for p in groups["dense_gates/no_decay"]["params"])
+    assert len(groups["dense_gates/no_decay"]["params"]) == len(groups["gates/no_decay"]["params"])
+    assert groups["dense_gates/no_decay"]["lr"] == pytest.approx(2 * lr)
     assert groups["xattn"]["lr"] == pytest.approx(0.5 * lr) and groups["xattn"]["weight_decay"] == 0.1
     assert groups["lm"]["weight_decay"] == 0.01 and groups["lm/no_decay"]["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for name, g in groups.items() if not name.endswith("no_decay") for p in g["params"])

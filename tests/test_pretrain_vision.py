@@ -71,11 +71,39 @@ def test_training_lowers_the_losses(pretrained):
 
 
 def test_supervised_objective_trains_the_text_tower_too(world, tmp_path):
-    settings = {**FAST, "objective": "supervised", "steps": 3, "grey": 0.25}
+    settings = {**FAST, "objective": "supervised", "steps": 3, "grey": 0.25, "scramble": 0.25}
     report = pretrain_vision(TINY_VISION, world, settings, tmp_path, progress=False)
     assert report["objective"] == "supervised" and report["heads"]["trained"]
     assert report["zero_shot"]["text_tower_trained_on"] == "detached encoder output"
     assert "colour" in report["zero_shot"]["held_out"]
+
+
+def test_scrambled_cells_keep_their_colours_and_lose_their_shapes(world):
+    """The shape-blind view: each cell of the 2x2 grid keeps exactly its pixels (so its colour target holds)
+    in a new order (so its shape is gone); no pixel moves to another cell."""
+    from flamingo_lab.data.world import WorldConfig, render_scene, sample_scene
+    from flamingo_lab.data.shards import image_to_tensor
+    from flamingo_lab.pretrain.vision import scramble_cells
+    import random
+
+    cfg = WorldConfig(**world["config"])
+    rng = random.Random(0)
+    x = torch.stack([image_to_tensor(render_scene(sample_scene(rng, cfg, n=4), cfg), 32) for _ in range(3)])
+    y = scramble_cells(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape
+    for r in range(2):
+        for c in range(2):
+            cx, cy = (t[:, :, 16 * r:16 * (r + 1), 16 * c:16 * (c + 1)].reshape(3, 3, -1) for t in (x, y))
+            # the same pixels (as RGB triples) in the cell, in another order
+            assert torch.equal(torch.sort(cx.sum(1) * 1e4 + cx[:, 0], -1).values, torch.sort(cy.sum(1) * 1e4 + cy[:, 0], -1).values)
+            moved = (cx != cy).any(1).float().mean().item()
+            assert moved > 0.3
+    assert not torch.equal(y[0, :, :16, :16], scramble_cells(x, torch.Generator().manual_seed(1))[0, :, :16, :16])
+
+
+def test_blind_views_cannot_exceed_the_batch(world, tmp_path):
+    with pytest.raises(ValueError, match="grey \\+ permute \\+ scramble must be <= 1"):
+        pretrain_vision(TINY_VISION, world, {**FAST, "permute": 0.5, "scramble": 0.6}, tmp_path, progress=False)
 
 
 def test_unknown_objective_is_rejected(world, tmp_path):

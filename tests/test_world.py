@@ -88,6 +88,51 @@ def test_every_prompt_and_answer_word_is_in_the_tokenizer(world, tiny_world_dir)
     assert "<|endofchunk|>" in corpus and not {"endofchunk", "<", "|", ">"} & set(vocab)
 
 
+def test_the_tokenizer_is_a_pure_function_of_its_texts(tmp_path):
+    """Equally frequent words get ids in alphabetical order (the tokenizers library's trainer broke such
+    ties in hash order: one corpus, a different tokenizer.json on each run), specials come first and
+    whole, and a word below min_frequency is unknown."""
+    from flamingo_lab.data.tokenizer import SPECIAL_TOKENS, train_word_tokenizer
+
+    texts = ["Wug dax fep. <image> zup, dax<|endofchunk|>", "kiki bouba toma lorp mib tufa pilk nerm sorn vab"]
+    a = train_word_tokenizer(texts, tmp_path / "a")
+    train_word_tokenizer(list(reversed(texts)), tmp_path / "b")
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    vocab = a.get_vocab()
+    assert [vocab[t] for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    once = ["bouba", "fep", "kiki", "lorp", "mib", "nerm", "pilk", "sorn", "toma", "tufa", "vab", "wug", "zup"]
+    assert vocab["dax"] == len(SPECIAL_TOKENS)  # the only word said twice
+    assert sorted(once, key=vocab.__getitem__) == once  # ties: alphabetical
+    assert not {"image", "endofchunk", "<", "|", ">"} & set(vocab)
+    ids = a("<image>wug, dax<|endofchunk|>")["input_ids"]
+    assert a.convert_ids_to_tokens(ids) == ["<s>", "<image>", "wug", ",", "dax", "<|endofchunk|>"]
+    rare = train_word_tokenizer(texts, tmp_path / "c", min_frequency=2).get_vocab()
+    assert "dax" in rare and "wug" not in rare
+
+
+def test_a_world_of_another_format_is_refused_and_rewritten(tiny_world_dir, tmp_path):
+    """A world written by an older version (other shards, corpus or tokenizer) is never read as if current:
+    load_world names the command that rewrites it, flamingo-data treats it as missing, and the pretraining
+    cache keys differ (no stage trained on it is reused)."""
+    import shutil
+
+    from flamingo_lab.data.world import WORLD_FORMAT
+    from flamingo_lab.make_data import existing_config
+    from flamingo_lab.pretrain.cache import stage_key
+
+    tmp_path = tmp_path / "world"
+    shutil.copytree(tiny_world_dir, tmp_path)
+    current = load_world(tmp_path)
+    assert current["format"] == WORLD_FORMAT and existing_config(tmp_path) == current["config"]
+    old = json.loads((tmp_path / "world.json").read_text())
+    old["format"] = "flamingo-lab-world/5"
+    (tmp_path / "world.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"format 'flamingo-lab-world/5'.*flamingo-data out_dir="):
+        load_world(tmp_path)
+    assert existing_config(tmp_path) is None  # flamingo-data rewrites it
+    assert stage_key("lm", {"a": 1}, old) != stage_key("lm", {"a": 1}, current)
+
+
 def _cfg(**kw) -> WorldConfig:
     return WorldConfig(name="t", **kw)
 

@@ -4,7 +4,7 @@
     flamingo-data world=tiny out_dir=/tmp/tiny     # the test world
     flamingo-data world.seed=1 force=true          # rewrite whatever is there
 
-A complete world with the same config at ``out_dir`` is left as it is.
+A complete world with the same config (and format) at ``out_dir`` is left as it is.
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ def compose_world(world: str = "tiny", overrides: list[str] | tuple[str, ...] = 
 
 
 def existing_config(out_dir: Path) -> dict | None:
-    """The config of the complete world at ``out_dir``, or None if there is none."""
+    """The config of the complete world at ``out_dir``, or None if there is none (or it is of another format)."""
     try:
         from flamingo_lab.data.shards import load_world
 
         return load_world(out_dir)["config"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, ValueError):
         return None
 
 

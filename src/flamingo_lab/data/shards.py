@@ -42,6 +42,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 
 from flamingo_lab.data.tokenizer import EOC_TOKEN, MEDIA_TOKEN
+from flamingo_lab.data.world import WORLD_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,12 @@ def load_world(root: str | Path) -> dict:
             f"run `flamingo-data out_dir={root}`"
         )
     world = json.loads(path.read_text())
+    fmt = str(world.get("format", ""))
+    if fmt.startswith("flamingo-lab-world/") and fmt != WORLD_FORMAT:
+        raise ValueError(
+            f"the world at {root} was written in format {fmt!r}; this version reads {WORLD_FORMAT!r} (its shards, "
+            f"corpus or tokenizer differ): rewrite it with `flamingo-data out_dir={root}` (and the overrides that wrote it) or delete it"
+        )
     world["root"] = str(root)
     for split, sources in world.get("shards", {}).items():
         for source, names in sources.items():

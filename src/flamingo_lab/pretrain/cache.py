@@ -20,8 +20,9 @@ REPORT = "report.json"
 
 
 def world_fingerprint(world: dict) -> str:
-    """The identity of a world: its generating config (same seed and sizes -> same shards)."""
-    return hashlib.sha256(json.dumps(world["config"], sort_keys=True).encode()).hexdigest()[:16]
+    """The identity of a world: its format and generating config (same seed and sizes -> same shards)."""
+    blob = {"config": world["config"], "format": world.get("format")}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def stage_key(stage: str, cfg: dict[str, Any], world: dict | None = None) -> str:

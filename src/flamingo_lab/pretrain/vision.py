@@ -55,6 +55,10 @@ DEFAULTS: dict[str, Any] = {
     # targets are dropped.
     "grey": 0.0,
     "permute": 0.5,
+    # Shape-blind views, so that colour is learnt apart from shape (the other half of the same problem: a
+    # classifier learns "a triangle, so not red"): a share of each batch with the pixels of each grid cell
+    # shuffled (the cell's colours stay, its shapes go); their shape words and shape targets are dropped.
+    "scramble": 0.0,
     # A label-preserving view: mirror left-right, the cells and the words left/right swapped with it.
     # (Shifting by 2 px with repeated edges was tried and hurt: shape accuracy fell by a third.)
     "flip": 0.5,
@@ -113,8 +117,11 @@ def load_pairs(world: dict, split: str, sources: list[str], tokenizer, image_siz
     ids, mask = encode_texts(tokenizer, texts, text_len)
     colour_ids = set(tokenizer.convert_tokens_to_ids(list(cfg["colours"])))
     grey_ids, grey_mask = encode_texts(tokenizer, texts, text_len, drop=colour_ids)  # captions for greyscale views
+    shape_ids = set(tokenizer.convert_tokens_to_ids(list(cfg["shapes"])))
+    shapeless_ids, shapeless_mask = encode_texts(tokenizer, texts, text_len, drop=shape_ids)  # for scrambled views
     return {"images": torch.stack(images), "ids": ids, "mask": mask, "targets": torch.stack(targets),
-            "grey_ids": grey_ids, "grey_mask": grey_mask}
+            "grey_ids": grey_ids, "grey_mask": grey_mask, "shapeless_ids": shapeless_ids,
+            "shapeless_mask": shapeless_mask}
 
 
 def permute_channels(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -122,6 +129,21 @@ def permute_channels(x: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     perms = torch.tensor([[0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
     order = perms[torch.randint(len(perms), (len(x),), generator=generator)]  # (B, 3)
     return torch.gather(x, 1, order[:, :, None, None].expand_as(x))
+
+
+def scramble_cells(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(B, 3, H, W) with the pixels of each cell of the 2x2 grid shuffled (one permutation per image and cell):
+    every cell keeps its colours and loses its shapes."""
+    B, C, H, W = x.shape
+    h, w = H // 2, W // 2
+    out = x.clone()
+    for r in range(2):
+        for c in range(2):
+            cell = x[:, :, r * h:(r + 1) * h, c * w:(c + 1) * w].reshape(B, C, h * w)
+            order = torch.argsort(torch.rand(B, h * w, generator=generator), dim=1)
+            cell = torch.gather(cell, 2, order[:, None, :].expand(B, C, h * w))
+            out[:, :, r * h:(r + 1) * h, c * w:(c + 1) * w] = cell.reshape(B, C, h, w)
+    return out
 
 
 def to_grey(x: torch.Tensor) -> torch.Tensor:
@@ -357,10 +379,12 @@ def pretrain_vision(vision_cfg: dict, world: dict, settings: dict, out_dir: Path
     left, right = tokenizer.convert_tokens_to_ids(["left", "right"])
     n_grey = round(float(opts["grey"]) * batch)  # fixed counts: fixed shapes
     n_perm = round(float(opts["permute"]) * batch)
-    if n_grey + n_perm > batch:
-        raise ValueError(f"pretrain.vision.grey + permute must be <= 1; got {opts['grey']} + {opts['permute']}")
+    n_scramble = round(float(opts.get("scramble", 0.0)) * batch)
+    if n_grey + n_perm + n_scramble > batch:
+        raise ValueError(f"pretrain.vision.grey + permute + scramble must be <= 1; got {opts['grey']} + "
+                         f"{opts['permute']} + {opts.get('scramble', 0.0)}")
 
-    def losses(idx: torch.Tensor, grey: int = 0, perm: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def losses(idx: torch.Tensor, grey: int = 0, perm: int = 0, scramble: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         images, ids, mask = train["images"][idx], train["ids"][idx], train["mask"][idx]
         targets = train["targets"][idx]
         blind = grey + perm
@@ -370,6 +394,12 @@ def pretrain_vision(vision_cfg: dict, world: dict, settings: dict, out_dir: Path
             ids[:blind], mask[:blind] = train["grey_ids"][idx[:blind]], train["grey_mask"][idx[:blind]]
             occupied = targets[:blind, :, 0] != n_attrs[0]
             targets[:blind, :, 0][occupied] = -100  # ignored by cross_entropy
+        if scramble:  # the next `scramble` pairs: no shapes in the image, the caption or the targets
+            sl = slice(blind, blind + scramble)
+            images[sl] = scramble_cells(images[sl], gen)
+            ids[sl], mask[sl] = train["shapeless_ids"][idx[sl]], train["shapeless_mask"][idx[sl]]
+            occupied = targets[sl, :, 1] != n_attrs[1]
+            targets[sl, :, 1][occupied] = -100
         if flip_p:
             flip = torch.rand(len(idx), generator=gen) < flip_p
             images[flip] = images[flip].flip(-1)
@@ -393,7 +423,7 @@ def pretrain_vision(vision_cfg: dict, world: dict, settings: dict, out_dir: Path
     t_train = time.perf_counter()
     for step in bar:
         idx = torch.randperm(n, generator=gen)[:batch]  # distinct pairs: no false negatives from repeats
-        l_clip, l_sup = losses(idx, n_grey, n_perm)
+        l_clip, l_sup = losses(idx, n_grey, n_perm, n_scramble)
         loss = l_clip + sup_w * l_sup
         opt.zero_grad(set_to_none=True)
         loss.backward()

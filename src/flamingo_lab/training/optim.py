@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 #: The parts, in the order their groups are returned.
-PARTS = ["resampler", "xattn", "gates", "lm", "embeddings"]
+#: "gates" are the cross-attention branches' tanh alphas, "dense_gates" the dense (FFW) branches'.
+PARTS = ["resampler", "xattn", "gates", "dense_gates", "lm", "embeddings"]
 
 #: Parameter-name prefix -> part (gates are found by ``model.gate_parameters()`` first).
 _PREFIXES = {"resampler.": "resampler", "xattn_layers.": "xattn", "lm.": "lm", "special_embeddings.": "embeddings"}
@@ -22,6 +23,9 @@ def part_settings(optim: dict) -> dict[str, dict[str, float]]:
     default = {part: {"lr_mult": 1.0, "weight_decay": wd} for part in PARTS}
     default["resampler"]["weight_decay"] = float(optim.get("resampler_weight_decay", 0.0))  # paper: none
     default["gates"] = {"lr_mult": float(optim.get("gate_lr_mult", 1.0)), "weight_decay": 0.0}
+    dense = optim.get("dense_gate_lr_mult")
+    default["dense_gates"] = {"lr_mult": float(default["gates"]["lr_mult"] if dense is None else dense),
+                              "weight_decay": 0.0}
     default["embeddings"]["weight_decay"] = 0.0
     groups: dict[str, Any] = optim.get("groups") or {}
     unknown = set(groups) - set(PARTS)
@@ -43,7 +47,7 @@ def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
 
 
 def parameter_groups(model: torch.nn.Module, optim: dict) -> list[dict]:
-    """AdamW groups per part (resampler, xattn, gates, lm, embeddings), each split into decay / no decay.
+    """AdamW groups per part (resampler, xattn, gates, dense_gates, lm, embeddings), each split into decay / no decay.
 
     Each part has ``lr = optim.lr * optim.groups.<part>.lr_mult`` and ``weight_decay =
     optim.groups.<part>.weight_decay`` on its matrices (no decay on biases, norms, latents, time
@@ -59,14 +63,14 @@ def parameter_groups(model: torch.nn.Module, optim: dict) -> list[dict]:
         if not param.requires_grad:
             continue
         if id(param) in gate_params:
-            part = "gates"
+            part = "dense_gates" if name.endswith("alpha_dense") else "gates"
         else:
             part = next((p for prefix, p in _PREFIXES.items() if name.startswith(prefix)), None)
             if part is None:
                 raise ValueError(f"trainable parameter '{name}' belongs to no optimiser part "
                                  f"({sorted(_PREFIXES)}); freeze it or extend training/optim.py")
         s = settings[part]
-        key = f"{part}/no_decay" if _no_decay(name, param) or part == "gates" else part
+        key = f"{part}/no_decay" if _no_decay(name, param) or part.endswith("gates") else part
         wd = 0.0 if key.endswith("/no_decay") else s["weight_decay"]
         group = groups.setdefault(key, {"name": key, "params": [], "weight_decay": wd, "lr": lr * s["lr_mult"]})
         group["params"].append(param)
