@@ -223,6 +223,26 @@ def test_failure_is_recorded_then_raised_or_caught(small_cfg, tmp_path, monkeypa
     assert row["error"].startswith("RuntimeError")
 
 
+def test_a_run_folder_in_use_is_left_alone(small_cfg, tmp_path, monkeypatch):
+    """A second process in a folder where a run is going on (a second sweep on the same `out`, or the joblib
+    workers of a killed sweep) stops before touching it; once the first one ends, the folder is free."""
+    import fcntl
+
+    calls = []
+    monkeypatch.setattr(run_mod, "train", lambda cfg, run_dir: calls.append(1) or {"status": "complete"})
+    holder = run_mod._lock_run_folder(tmp_path)  # the live run: holds the lock, its pid inside
+    (tmp_path / "results.json").write_text('{"status": "running elsewhere"}')
+    with pytest.raises(run_mod.RunFolderBusy, match=rf"in use by another run \(pid {os.getpid()}\).*pkill -f loky"):
+        run_mod.run(small_cfg, tmp_path)
+    busy = run_mod.run(small_cfg, tmp_path, catch=True)  # a multirun: recorded as busy, the others go on
+    assert busy["status"] == "busy" and "in use" in busy["error"] and not calls
+    assert json.loads((tmp_path / "results.json").read_text()) == {"status": "running elsewhere"}  # untouched
+    holder.close()  # the first run ends (or dies: the OS drops the lock)
+    assert run_mod.run(small_cfg, tmp_path)["status"] == "complete" and calls == [1]
+    with open(tmp_path / run_mod.RUN_LOCK) as fh:  # and the run released it when it returned
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def test_single_run_failure_exits_nonzero_and_is_recorded(tiny_world_dir, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(

@@ -90,16 +90,59 @@ def completed(run_dir: str | Path, key: str) -> dict[str, Any] | None:
     return None
 
 
+class RunFolderBusy(RuntimeError):
+    """Another live process is running in this run folder (it holds ``RUN_LOCK``)."""
+
+
+#: Held (fcntl, exclusive) by the process that runs in a folder; the OS drops it when that process ends.
+RUN_LOCK = ".run.lock"
+
+
+def _lock_run_folder(run_dir: Path):
+    """Take the run folder's lock, or raise :class:`RunFolderBusy` naming the process that holds it.
+
+    Two runs in one folder would overwrite each other's checkpoints and results (a second sweep on the same
+    ``out``, or the workers of a sweep whose parent was killed). Returns the open lock file (keep it open)."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(run_dir / RUN_LOCK, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise RunFolderBusy(
+            f"{run_dir} is in use by another run (pid {holder}): wait for it to finish or stop that process "
+            "(a sweep's joblib workers too: `pkill -f loky`), or give this run another folder"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
 def run(cfg: DictConfig, run_dir: str | Path, catch: bool = False) -> dict[str, Any]:
     """:func:`train` with a sweep's semantics; returns the results (complete, reused or failed).
 
     - ``run_dir/results.json`` complete for the same :func:`config_key`: nothing is trained (``force=true``
       trains anyway);
     - an exception: results.json records ``status: failed``, the error and the end of the traceback, and
-      the exception is raised again, unless ``catch`` (a multirun: the other rows go on).
+      the exception is raised again, unless ``catch`` (a multirun: the other rows go on);
+    - another live process running in ``run_dir``: :class:`RunFolderBusy`, and nothing in the folder is
+      touched (with ``catch``, returned as ``status: busy``).
     """
     run_dir = Path(run_dir)
     started, key = time.perf_counter(), None
+    try:
+        lock = _lock_run_folder(run_dir) if _rank() == 0 else None
+    except RunFolderBusy as busy:
+        if not catch:
+            raise
+        log.error("run not started: %s", busy)
+        return {"status": "busy", "experiment": cfg.get("experiment"), "seed": cfg.get("seed"), "error": str(busy)}
     try:
         key = config_key(cfg)  # raises when the config does not resolve: recorded like any failure
         if not cfg.get("force", False):
@@ -120,6 +163,9 @@ def run(cfg: DictConfig, run_dir: str | Path, catch: bool = False) -> dict[str, 
         log.error("run failed (recorded in %s, the other runs go on): %s\n%s",
                   run_dir / "results.json", results["error"], results["traceback"])
         return results
+    finally:
+        if lock is not None:
+            lock.close()  # releases the lock
 
 
 def failed_results(cfg: DictConfig, error: BaseException, key: str | None, wall: float) -> dict[str, Any]:
