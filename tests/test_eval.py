@@ -373,6 +373,28 @@ def test_breakdown_per_question_type_and_held_out_with_majority_and_chance():
     assert out["held_out=True"]["score"] == pytest.approx(50.0) and out["held_out=False"]["n"] == 2
 
 
+def test_in_context_breakdown_separates_binding_from_repeating_a_shown_answer():
+    """A model that repeats the first shown answer scores where that happens to be right; the floor a
+    random shown answer reaches (guess_shown) is what the task's score must beat to show binding."""
+    from flamingo_lab.eval.harness import shown_breakdown
+    from flamingo_lab.eval.prompts import Prompt
+
+    task = Task(name="t", kind="vqa", metric="top1", support=[], test=["unused.tar"], in_context=True)
+    item = lambda a: Item(id=a, images=[], question="q", answers=[a])  # noqa: E731
+    prompts = [Prompt("", [], item("dax"), ("dax", "wug", "wug", "fep")),   # shown among 3 distinct: 1/3
+               Prompt("", [], item("wug"), ("dax", "wug", "dax", "dax")),   # among 2: 1/2
+               Prompt("", [], item("zib"), ("dax", "wug", "fep", "fep"))]   # not shown: 0
+    groups, summary = shown_breakdown(task, prompts, ["dax", "dax", "dax"])
+    assert groups["answer_shown=True"]["n"] == 2 and groups["answer_shown=True"]["score"] == 50.0
+    assert groups["answer_shown=True"]["guess_shown"] == pytest.approx(100 * (1 / 3 + 1 / 2) / 2)
+    assert groups["answer_shown=False"] == {"n": 1, "score": 0.0}
+    assert summary["guess_shown"] == pytest.approx(100 * (1 / 3 + 1 / 2) / 3)
+    assert summary["copied"] == 100.0
+    groups, summary = shown_breakdown(task, prompts, ["dax", "wug", "zib"])  # binds every time
+    assert groups["answer_shown=True"]["score"] == 100.0 and groups["answer_shown=False"]["score"] == 100.0
+    assert summary["copied"] == pytest.approx(200 / 3)
+
+
 # ---------------------------------------------------------------- the text-description control
 
 

@@ -131,6 +131,31 @@ def breakdown(task: Task, items: list[Item], preds: list[str], keys=("qtype", "h
     return out
 
 
+def shown_breakdown(task: Task, prompts: list[Prompt], preds: list[str]) -> tuple[dict, dict]:
+    """For an in-context task: ``(groups, summary)``. ``groups``: the score where the query's answer was
+    among the shots' answers and where it was not; the first with ``guess_shown``, what copying a shown
+    answer at random scores there (per prompt, one over the number of distinct answers shown). A model
+    that only repeats some answer it was shown reaches that floor and no more; binding each answer to
+    what its example shows lifts the score above it. ``summary``: that floor over every prompt
+    (``guess_shown``, comparable with the task's score) and the share of predictions that repeat a shown
+    answer (``copied``)."""
+    groups: dict[str, dict] = {}
+    for value in (True, False):
+        idx = [i for i, p in enumerate(prompts) if (target_text(task, p.query) in p.shown) == value]
+        if not idx:
+            continue
+        entry = {"n": len(idx), "score": _score(task, [prompts[i].query for i in idx], [preds[i] for i in idx])}
+        if value:
+            entry["guess_shown"] = 100.0 * sum(1 / len(set(prompts[i].shown)) for i in idx) / len(idx)
+        groups[f"answer_shown={value}"] = entry
+    summary = {
+        "guess_shown": 100.0 * sum((target_text(task, p.query) in p.shown) / len(set(p.shown))
+                                   for p in prompts if p.shown) / max(len(prompts), 1),
+        "copied": 100.0 * sum(pr in p.shown for p, pr in zip(prompts, preds)) / max(len(prompts), 1),
+    }
+    return groups, summary
+
+
 def oracle_score(task: Task, items: list[Item]) -> float:
     """The score of an oracle that answers with the ground truth (first caption / most common human
     answer / the accepted answer) on the same items through the same metric: the ceiling."""
@@ -241,6 +266,9 @@ class TaskEvaluator:
             preds = self.generate_answers(prompts, desc)
         out["score"] = _score(self.task, self.test, preds)
         out["breakdown"] = breakdown(self.task, self.test, preds)
+        if self.task.in_context:
+            groups, out["in_context"] = shown_breakdown(self.task, prompts, preds)
+            out["breakdown"].update(groups)
         out["seconds"] = time.perf_counter() - started
         out["examples"] = [{"id": p.query.id, "prediction": pr, "target": target_text(self.task, p.query)}
                            for p, pr in zip(prompts[:3], preds[:3])]
@@ -310,6 +338,9 @@ def evaluate_model(model, root: str | Path, cfg: Mapping, *, out_dir: str | Path
                 scores[name][str(k)] = res
                 log.info("%s %d-shot: %s %.2f (%d items, %.1fs)", name, k, task.metric, res["score"], res["n"],
                          res["seconds"])
+                if "in_context" in res:
+                    log.info("%s %d-shot: a random shown answer would score %.2f; %.0f%% of answers repeat one shown",
+                             name, k, res["in_context"]["guess_shown"], res["in_context"]["copied"])
             for control in controls:
                 if not all(has_scene(it) for it in ev.test + ev.support):
                     control_scores[control][name] = {"skipped": "items without scene metadata (not an embedded world)"}

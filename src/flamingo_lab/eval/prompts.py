@@ -28,6 +28,7 @@ class Prompt:
     text: str
     images: list[list]  # per <image>: its frames (PIL), in the order the <image> tokens stand
     query: Item
+    shown: tuple[str, ...] = ()  # the support examples' answers, in prompt order
 
 
 def target_text(task: Task, item: Item) -> str:
@@ -86,12 +87,13 @@ def build_prompt(template: str, task: Task, support: Sequence[Item], query: Item
             text = text.replace(MEDIA_TOKEN, item_text(item) + " ", 1)
         return text
 
-    parts = [one(s, target_text(task, s), not text_only) for s in support]
+    shown = tuple(target_text(task, s) for s in support)
+    parts = [one(s, answer, not text_only) for s, answer in zip(support, shown)]
     parts.append(one(query, None, True))
     if describe:
-        return Prompt("".join(parts), [], query)
+        return Prompt("".join(parts), [], query, shown)
     images = [] if text_only else [s.images for s in support]
-    return Prompt("".join(parts), images + [query.images], query)
+    return Prompt("".join(parts), images + [query.images], query, shown)
 
 
 class SupportSampler:
