@@ -311,9 +311,16 @@ def test_untrained_model_evaluates_every_task_with_rank_and_rices(task_world, mo
 
     cfg = OmegaConf.to_container(compose(["scale=tiny", f"data.root={task_world}"]).eval, resolve=True)
     cfg.update(max_items=4, shots=[0, 2], support="rices", batch_size=4,
-               task_decoding={"renamed_colours": {"mode": "rank"}})
+               task_decoding={"renamed_colours": {"mode": "rank"}}, task_max_items={"renamed_colours": 6})
     res = evaluate_model(model, task_world, cfg, out_dir=tmp_path, progress=False)
     assert set(res["scores"]) == set(DEV) | {"renamed_colours"}
+    assert res["scores"]["vqav2"]["2"]["n"] == 4 and res["scores"]["renamed_colours"]["2"]["n"] == 6
+    # the in-context task says how much of its score repeating a shown answer explains
+    ic = res["scores"]["renamed_colours"]["2"]
+    assert set(ic["in_context"]) == {"guess_shown", "copied"} and 0 <= ic["in_context"]["guess_shown"] <= 100
+    shown = [g for g in ic["breakdown"] if g.startswith("answer_shown=")]
+    assert shown and sum(ic["breakdown"][g]["n"] for g in shown) == 6
+    assert "in_context" not in res["scores"]["vqav2"]["2"]
     assert "eval/renamed_colours_roc_auc_2shot" in res["metrics"]
     assert all(r["source"] == "oracle" for r in res["references"].values())  # an embedded world
     assert res["oracle"]["vqav2"] == pytest.approx(100.0) and res["oracle"]["coco"] > 0

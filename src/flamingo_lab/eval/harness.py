@@ -170,7 +170,8 @@ class TaskEvaluator:
         self.tokenizer = model.tokenizer
         self.image_size = int(model.cfg.vision.image_size)
         self.device = next(model.parameters()).device
-        self.test = read_items(task.test, task.frames, cfg.get("max_items"))
+        per_task = (cfg.get("task_max_items") or {}).get(task.name)  # a cheap or noisy task may read more
+        self.test = read_items(task.test, task.frames, per_task if per_task is not None else cfg.get("max_items"))
         self.support = read_items(task.support, task.frames, cfg.get("max_support")) if task.support else []
         self.template = templates_for(cfg["prompts"], task)
         self.decoding = _decoding(cfg, task)

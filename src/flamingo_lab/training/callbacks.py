@@ -112,7 +112,7 @@ class EvalCurve(pl.Callback):
     def __init__(self, root: str, eval_cfg: dict, every_n_steps: int, tasks, shots, max_items: int):
         self.root, self.every_n_steps = root, max(1, int(every_n_steps))
         self.cfg = {**eval_cfg, "tasks": list(tasks) if tasks else None, "shots": list(shots),
-                    "max_items": int(max_items)}
+                    "max_items": int(max_items), "task_max_items": {}}
         self.points: list[dict] = []
         self._done: set[int] = set()
 
