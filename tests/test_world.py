@@ -232,6 +232,40 @@ def test_game_pages_give_labels_only_in_context():
     assert mappings[0] != mappings[1]
 
 
+def test_bare_colour_game_items_in_the_corpus_and_word_items_on_game_pages():
+    """world.game_bare: corpus game items name their colour with one bare word where an image would stand;
+    world.game_words: m3w game items after the first image come in that form with no image. The default
+    world has neither."""
+    from flamingo_lab.data.shards import sample_text_and_images
+
+    bare = re.compile(r"(?:^|\. |<\|endofchunk\|>| )(red|green|blue|yellow|purple) Question: what colour is it\? Answer: (\w+)")
+    games = lambda c: [p for p in (corpus_paragraph(c, "train", i) for i in range(300))  # noqa: E731
+                       if "Question: what colour is it? Answer:" in p]
+    assert not any(bare.search(p) for p in games(_cfg()))
+    all_bare = games(_cfg(game_bare=1.0))
+    assert all_bare and all(bare.search(p) for p in all_bare)
+    assert not any(re.search(r"in the [\w ]+\. Question: what colour", p) for p in all_bare)
+    for g in all_bare[:20]:  # the mapping holds across items: each colour keeps its fresh word
+        items = bare.findall(g)
+        assert all(len({w for c2, w in items if c2 == c}) == 1 for c, _ in items)
+
+    cfg = _cfg(game_words=1.0)
+    pages = [make_doc_sample(cfg, "train", i) for i in range(300)]
+    pages = [p for p in pages if p["json"]["page_kind"] == "game"]
+    assert pages
+    for p in pages:
+        meta = p["json"]
+        decoded = {k: Image.open(io.BytesIO(v)) if k.endswith(".png") else v for k, v in p.items()}
+        text, images = sample_text_and_images(decoded)
+        assert len(images) == 1 and text.count("<image>") == 1  # the first item only is shown
+        items = [t for t in meta["text_list"] if "Question:" in t]
+        assert len(items) >= 2 and all(bare.search(t) for t in items[1:]) and not bare.search(items[0])
+        colour = meta["image_info"][0]["scene"]["objects"][0]["colour"]
+        assert items[0].endswith(meta["mapping"][colour])
+    with pytest.raises(ValueError, match="game_words"):
+        WorldConfig(game_words=1.5)
+
+
 def test_videos_show_their_event():
     cfg = _cfg()
     events = Counter()

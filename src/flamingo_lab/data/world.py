@@ -222,6 +222,14 @@ class WorldConfig:
     page_kinds: dict[str, float] = field(
         default_factory=lambda: {"describe": 0.3, "quiz": 0.25, "gallery": 0.15, "game": 0.2, "mixed": 0.1}
     )
+    # The renaming game with the colour as one bare word where an image would stand ("red Question: what colour
+    # is it? Answer: dax"): game_bare is the share of the corpus's game items in that form, game_words the share
+    # of m3w game items (after the page's first image) given so in place of an image. An LM that copies from
+    # whole captions only does not bind a colour that no word names (README, in-context task); one trained on
+    # the bare form binds on the one token where Flamingo's image stands, and word items beside images give
+    # the cross-attention a path to it.
+    game_bare: float = 0.0
+    game_words: float = 0.0
 
     def __post_init__(self):
         self.shapes, self.colours, self.sizes = list(self.shapes), list(self.colours), list(self.sizes)
@@ -290,7 +298,7 @@ class WorldConfig:
         unknown = sorted(set(self.corpus_kinds) - set(CORPUS_KINDS))
         if unknown or not any(w > 0 for w in self.corpus_kinds.values()):
             raise ValueError(f"world.corpus_kinds must weight some of {sorted(CORPUS_KINDS)}; unknown {unknown}")
-        for k in ("held_out_share", "align_noise", "laion_vague", "laion_wrong", "vtp_qa"):
+        for k in ("held_out_share", "align_noise", "laion_vague", "laion_wrong", "vtp_qa", "game_bare", "game_words"):
             if not 0 <= getattr(self, k) <= 1:
                 raise ValueError(f"world.{k} must be in [0, 1]; got {getattr(self, k)}")
 
@@ -685,7 +693,12 @@ def _page(rng: random.Random, cfg: WorldConfig, kind: str, n_img: int) -> tuple[
             text.append(CAPTION_FORMAT.format(caption=caption(s)))
         elif kind == "game":
             s = sample_scene(rng, cfg, n=1, target={"colour": rng.choice(palette)})
-            text.append(VQA_FORMAT.format(question="what colour is it?", answer=mapping[s.objects[0].colour]))
+            item = VQA_FORMAT.format(question="what colour is it?", answer=mapping[s.objects[0].colour])
+            if scenes and cfg.game_words > 0 and rng.random() < cfg.game_words:  # in words: no image
+                matched.pop()
+                text.append(f"{s.objects[0].colour} {item}")
+                continue
+            text.append(item)
         else:
             s, q, a = make_question(rng, cfg, qtype if kind == "quiz" else rng.choice(cfg.quiz_types), False)
             text.append(VQA_FORMAT.format(question=q, answer=a))
@@ -903,7 +916,8 @@ def corpus_paragraph(cfg: WorldConfig, split: str, index: int) -> str:
         for _ in range(rng.randint(4, 9)):
             s = sample_scene(rng, cfg, n=1, target={"colour": rng.choice(palette)})
             answer = mapping[s.objects[0].colour]
-            items.append(f"{caption(s)} {VQA_FORMAT.format(question='what colour is it?', answer=answer)}")
+            named = s.objects[0].colour if cfg.game_bare > 0 and rng.random() < cfg.game_bare else caption(s)
+            items.append(f"{named} {VQA_FORMAT.format(question='what colour is it?', answer=answer)}")
         return intro + sep.join(items)
     if kind == "video_qa":
         items = []
