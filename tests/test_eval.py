@@ -309,9 +309,11 @@ def test_untrained_model_evaluates_every_task_with_rank_and_rices(task_world, mo
     from flamingo_lab.eval import evaluate_model
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_container(compose(["scale=tiny", f"data.root={task_world}"]).eval, resolve=True)
+    cfg = OmegaConf.to_container(compose(["scale=tiny", f"data.root={task_world}",
+                                          "+eval.task_max_items.renamed_colours=6"]).eval, resolve=True)
+    assert cfg["task_max_items"] == {"renamed_colours": 6}  # the override syntax conf/eval/default.yaml names
     cfg.update(max_items=4, shots=[0, 2], support="rices", batch_size=4,
-               task_decoding={"renamed_colours": {"mode": "rank"}}, task_max_items={"renamed_colours": 6})
+               task_decoding={"renamed_colours": {"mode": "rank"}})
     res = evaluate_model(model, task_world, cfg, out_dir=tmp_path, progress=False)
     assert set(res["scores"]) == set(DEV) | {"renamed_colours"}
     assert res["scores"]["vqav2"]["2"]["n"] == 4 and res["scores"]["renamed_colours"]["2"]["n"] == 6
