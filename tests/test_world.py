@@ -264,6 +264,11 @@ def test_bare_colour_game_items_in_the_corpus_and_word_items_on_game_pages():
         assert items[0].endswith(meta["mapping"][colour])
     with pytest.raises(ValueError, match="game_words"):
         WorldConfig(game_words=1.5)
+    # world=in_context: the embedded world with both forms at half, and more game pages
+    from flamingo_lab.make_data import compose_world
+    ic, emb = compose_world("in_context"), compose_world("embedded")
+    assert (ic.name, ic.game_bare, ic.game_words, ic.page_kinds["game"]) == ("in_context", 0.5, 0.5, 0.4)
+    assert (emb.game_bare, emb.game_words) == (0.0, 0.0) and ic.n_train_m3w == emb.n_train_m3w
 
 
 def test_videos_show_their_event():
