@@ -26,6 +26,7 @@ def test_lm_stage_learns_and_is_cached_and_loaded(tiny_world_dir, tmp_path):
     assert first["val_perplexity"] < 0.5 * first["random_val_perplexity"], first
     assert 0.0 <= first["facts"]["recall"] <= 1.0 and first["facts"]["n"] > 0
     assert 0.0 <= first["game"]["copy"] <= 1.0 and first["game"]["n"] > 0  # the renaming game in words
+    assert first["game_bare"]["form"] == "bare colour word" and 0.0 <= first["game_bare"]["copy"] <= 1.0
     assert cfg.model.lm.path == first["path"] and cfg.model.lm.tokenizer == first["path"]
 
     again_cfg = lm_stage_cfg(tiny_world_dir, tmp_path)
@@ -74,8 +75,8 @@ class _GameLM:
     """A stand-in causal LM for the renaming-game probe: it reads the prompt back and puts all its logit
     on one word: the word given to the query's colour (``bind``) or the first fresh word shown."""
 
-    def __init__(self, tokenizer, bind: bool):
-        self.tokenizer, self.bind = tokenizer, bind
+    def __init__(self, tokenizer, bind: bool, bare: bool = False):
+        self.tokenizer, self.bind, self.bare = tokenizer, bind, bare
 
     def eval(self):
         return self
@@ -85,7 +86,8 @@ class _GameLM:
         from types import SimpleNamespace
 
         text = self.tokenizer.decode(input_ids[0], skip_special_tokens=True)
-        item = r"(red|green|blue|yellow|purple) \w+ in the [\w ]+?\. question : what colour is it\? answer :"
+        named = "" if self.bare else r" \w+ in the [\w ]+?\."  # the bare form: the colour word alone
+        item = r"(red|green|blue|yellow|purple)" + named + r" question : what colour is it\? answer :"
         items, query = re.findall(item + r" (\w+)", text), re.findall(item + "$", text)  # (the tokenizer lowercases)
         assert len(items) == 4 and len(query) == 1, text
         word = dict(items)[query[0]] if self.bind else items[0][1]
@@ -106,3 +108,8 @@ def test_game_probe_tells_binding_from_repeating_a_word_shown(tiny_world_dir):
     assert binds["copy"] == 1.0 and binds["n"] == 60
     assert 0.15 < repeats["copy"] < 0.7 and abs(repeats["copy"] - repeats["guess_among_shown"]) < 0.2, repeats
     assert game_copy(_GameLM(tokenizer, bind=True), tokenizer, None) is None  # imported worlds: no generator
+    # the bare form: each item's colour is one word where the image stands (the stand-in asserts the form)
+    bare = game_copy(_GameLM(tokenizer, bind=True, bare=True), tokenizer, world["config"], n=60, bare=True)
+    assert bare["copy"] == 1.0 and bare["form"] == "bare colour word"
+    repeats = game_copy(_GameLM(tokenizer, bind=False, bare=True), tokenizer, world["config"], n=60, bare=True)
+    assert abs(repeats["copy"] - repeats["guess_among_shown"]) < 0.2

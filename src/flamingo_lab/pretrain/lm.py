@@ -68,12 +68,14 @@ def fact_recall(lm, tokenizer, facts: dict[str, dict[str, str]]) -> dict[str, An
 
 @torch.no_grad()
 def game_copy(lm, tokenizer, world_config: dict | None, template: str | None = None, n: int = 200,
-              shots: int = 4) -> dict[str, Any] | None:
+              shots: int = 4, bare: bool = False) -> dict[str, Any] | None:
     """The colour-renaming game in words (the in-context task without images): ``shots`` described objects,
     each answered with its colour's fresh word, then a query whose colour was shown, all in the evaluation's
     ``template`` with the scene's words in place of the image (the text-description control's prompt). The
     share of greedy next words that copy the right word, against a uniform guess among the words shown.
     Flamingo's in-context ability is the frozen LM's: an LM that cannot do this cannot do it with images.
+    ``bare``: each item names its colour with one word where the image stands, and nothing else (what a
+    cross-attention layer would have to write there; an LM that copies only from whole captions fails it).
     None for worlds without a generator config (imported data)."""
     from flamingo_lab.data.tokenizer import EOC_TOKEN, MEDIA_TOKEN
     from flamingo_lab.data.world import NONSENSE, VQA_FORMAT, WorldConfig, caption, sample_scene
@@ -82,11 +84,12 @@ def game_copy(lm, tokenizer, world_config: dict | None, template: str | None = N
         return None
     cfg = WorldConfig(**world_config)
     template = (template or MEDIA_TOKEN + VQA_FORMAT + EOC_TOKEN).replace("{question}", "what colour is it?")
-    rng = random.Random(f"{cfg.seed}/lm-game-probe")
+    rng = random.Random(f"{cfg.seed}/lm-game-probe" + ("/bare" if bare else ""))
 
     def item(colour: str, answer: str | None) -> str:
         text = template.replace("{answer}", answer) if answer else template[: template.index("{answer}")].rstrip()
-        return text.replace(MEDIA_TOKEN, caption(sample_scene(rng, cfg, n=1, target={"colour": colour})) + " ", 1)
+        scene = sample_scene(rng, cfg, n=1, target={"colour": colour})
+        return text.replace(MEDIA_TOKEN, (colour if bare else caption(scene)) + " ", 1)
 
     lm.eval()
     right, guess = 0, 0.0
@@ -99,7 +102,8 @@ def game_copy(lm, tokenizer, world_config: dict | None, template: str | None = N
         pred = tokenizer.convert_ids_to_tokens(int(lm(input_ids=ids).logits[0, -1].argmax()))
         right += pred == mapping[query]
         guess += 1 / len(set(shown))
-    return {"copy": right / n, "guess_among_shown": guess / n, "n": n, "shots": shots, "template": template}
+    return {"copy": right / n, "guess_among_shown": guess / n, "n": n, "shots": shots, "template": template,
+            "form": "bare colour word" if bare else "caption"}
 
 
 def pretrain_lm(arch: dict, world: dict, settings: dict, out_dir: Path, progress: bool = True) -> dict:
@@ -154,13 +158,16 @@ def pretrain_lm(arch: dict, world: dict, settings: dict, out_dir: Path, progress
         "random_val_perplexity": random_ppl,
         "facts": fact_recall(lm, tokenizer, world.get("facts", {})),
         "game": game_copy(lm, tokenizer, world.get("config"), world.get("prompts", {}).get("vqa")),
+        "game_bare": game_copy(lm, tokenizer, world.get("config"), world.get("prompts", {}).get("vqa"), bare=True),
         "parameters": sum(p.numel() for p in lm.parameters()),
     }
     lm.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    game = report["game"] or {}
-    log.info("LM pretraining: val perplexity %.2f (random %.1f), fact recall %.2f, renaming game in words %s, %.0f s",
+    game, bare = report["game"] or {}, report["game_bare"] or {}
+    log.info("LM pretraining: val perplexity %.2f (random %.1f), fact recall %.2f, renaming game in words %s, "
+             "with one bare colour word where the image stands %s, %.0f s",
              report["val_perplexity"], random_ppl, report["facts"]["recall"],
-             f"{game['copy']:.2f} (guess {game['guess_among_shown']:.2f})" if game else "n/a", report["seconds"])
+             f"{game['copy']:.2f} (guess {game['guess_among_shown']:.2f})" if game else "n/a",
+             f"{bare['copy']:.2f} (guess {bare['guess_among_shown']:.2f})" if bare else "n/a", report["seconds"])
     return report
