@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# The venv holds ~6.2 GB (torch 2.14.1 is a CUDA build, with its nvidia libraries): a new one needs this
+# much free disk, checked first so that a full disk says so before pip fails half-way (MIN_FREE_GB=0: skip)
+MIN_FREE_GB ?= 7
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
@@ -15,6 +18,10 @@ export TOKENIZERS_PARALLELISM := false
 setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
+	@test -d $(VENV) || { free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	  if [ "$$free" -lt $(MIN_FREE_GB) ]; then echo "error: $$free GB free on the disk of $$(pwd), and a new .venv" \
+	    "needs about $(MIN_FREE_GB) GB (torch's CUDA build): free some space (or MIN_FREE_GB=0 to try anyway)" >&2; \
+	    exit 1; fi; }
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch and torchvision first: these exact versions lie on this machine's disk (no multi-GB download)

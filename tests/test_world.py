@@ -137,6 +137,37 @@ def _cfg(**kw) -> WorldConfig:
     return WorldConfig(name="t", **kw)
 
 
+def test_a_world_written_before_a_key_existed_stays_current(tiny_world_dir, tmp_path):
+    """A key added to the world config later (game_bare, game_words, vtp_moves) reads, in a world.json written
+    without it, as the value that writes the same world: flamingo-data does not rewrite that world and its cached
+    stages keep their keys. At another value the world is another world."""
+    import shutil
+    from dataclasses import asdict
+
+    from flamingo_lab.data.world import BACKWARD_DEFAULTS, _rng, sample_clip
+    from flamingo_lab.make_data import existing_config
+    from flamingo_lab.pretrain.cache import stage_key
+
+    tmp_path = tmp_path / "world"
+    shutil.copytree(tiny_world_dir, tmp_path)
+    current = load_world(tmp_path)
+    older = json.loads((tmp_path / "world.json").read_text())
+    for key in BACKWARD_DEFAULTS:
+        del older["config"][key]
+    (tmp_path / "world.json").write_text(json.dumps(older))
+    assert existing_config(tmp_path) == current["config"]  # flamingo-data: complete with this config, skipped
+    assert stage_key("lm", {"a": 1}, older) == stage_key("lm", {"a": 1}, current) == \
+        stage_key("lm", {"a": 1}, load_world(tmp_path))
+    changed = {**current, "config": {**current["config"], "vtp_moves": 0.6}}
+    assert stage_key("lm", {"a": 1}, changed) != stage_key("lm", {"a": 1}, current)
+    # at its backward default vtp_moves draws the clips exactly as before the key existed
+    cfg = WorldConfig(**{**current["config"], **BACKWARD_DEFAULTS})
+    assert asdict(cfg)["vtp_moves"] == 0.25
+    for i in range(30):
+        before = sample_clip(_rng(cfg, "train", "vtp", i), cfg)
+        assert make_video_pair(cfg, "train", i)["json"]["scene"] == before.meta()
+
+
 def test_answers_are_balanced_per_question_type():
     cfg = _cfg()
     for task in ("vqav2", "okvqa", "msvdqa", "renamed_colours"):
@@ -211,6 +242,25 @@ def test_prompt_formats_in_m3w_pages_and_video_qa_pairs_not_in_image_pairs():
     assert 0.15 < len(qa) / len(videos) < 0.35  # vtp_qa = 0.25 of the clips carry a question and its answer
     assert all(v["txt"].startswith("Question: ") and " Answer: " in v["txt"] for v in qa)
     assert not any("Question" in v["txt"] for v in videos if v["json"]["text_kind"] == "caption")
+
+
+def test_vtp_moves_sets_the_share_of_moving_clips_in_training_only():
+    def moving(cfg, make):
+        return sum(make(i)["json"]["scene"]["event"] == "moves" for i in range(400)) / 400
+
+    plain, more = _cfg(), _cfg(vtp_moves=0.6)
+    assert 0.17 < moving(plain, lambda i: make_video_pair(plain, "train", i)) < 0.33  # four events alike
+    assert 0.52 < moving(more, lambda i: make_video_pair(more, "train", i)) < 0.68
+    moves = [make_video_pair(more, "train", i) for i in range(400)]
+    moves = [v for v in moves if v["json"]["scene"]["event"] == "moves"]
+    assert {v["json"]["scene"]["detail"] for v in moves} == {"left", "right", "up", "down"}
+    # the video tasks are not the training mixture: their events stay alike, so their questions do not change
+    for cfg in (plain, more):
+        assert 0.17 < moving(cfg, lambda i: make_task_sample(cfg, "msvdqa", "test", i)) < 0.33
+    assert [make_task_sample(more, "msvdqa", "test", i)["json"] for i in range(50)] == \
+        [make_task_sample(plain, "msvdqa", "test", i)["json"] for i in range(50)]
+    with pytest.raises(ValueError, match="vtp_moves"):
+        _cfg(vtp_moves=1.5)
 
 
 def test_game_pages_give_labels_only_in_context():

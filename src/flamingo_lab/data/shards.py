@@ -101,6 +101,10 @@ def load_world(root: str | Path) -> dict:
             f"corpus or tokenizer differ): rewrite it with `flamingo-data out_dir={root}` (and the overrides that wrote it) or delete it"
         )
     world["root"] = str(root)
+    if "config" in world:  # an embedded world: keys added since it was written read as the value it was written with
+        from flamingo_lab.data.world import BACKWARD_DEFAULTS
+
+        world["config"] = {**BACKWARD_DEFAULTS, **world["config"]}
     for split, sources in world.get("shards", {}).items():
         for source, names in sources.items():
             sources[source] = _absolute(root, names)

@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 # /6: the tokenizer's ids are a pure function of the corpus (ties alphabetical); a world of another format is
 # refused (load_world) and rewritten by flamingo-data
 WORLD_FORMAT = "flamingo-lab-world/6"
+#: Keys added to WorldConfig after worlds of this format were written, each with the value that writes the
+#: same world as before it existed: a world.json without one reads as that value (load_world), and at that
+#: value it is no part of a world's identity (pretrain.cache.world_fingerprint), so cached stages stay valid.
+BACKWARD_DEFAULTS = {"game_bare": 0.0, "game_words": 0.0, "vtp_moves": 0.25}
 MANIFEST = "world.json"
 SPLITS = ("train", "val")
 SOURCES = ("m3w", "ltip", "align", "laion", "vtp")
@@ -207,6 +211,9 @@ class WorldConfig:
     laion_vague: float = 0.25  # share of LAION captions that say nothing about the image ...
     laion_wrong: float = 0.15  # ... and that name a wrong colour or shape
     vtp_qa: float = 0.25  # share of video-text pairs whose text is a question and its answer about the clip
+    # share of video-text pairs whose clip shows a move (the rest: appears, disappears or turns, evenly);
+    # 0.25 weighs the four events alike, as the msvdqa / vatex tasks do
+    vtp_moves: float = 0.25
     # text corpus paragraph kinds -> weight: facts and descriptions; described scenes with questions
     # (knowledge questions too: the text form of okvqa); the colour-renaming game in words; clips with questions
     # The game dominates: the frozen LM must learn to bind each fresh word to its colour from context (the
@@ -298,7 +305,8 @@ class WorldConfig:
         unknown = sorted(set(self.corpus_kinds) - set(CORPUS_KINDS))
         if unknown or not any(w > 0 for w in self.corpus_kinds.values()):
             raise ValueError(f"world.corpus_kinds must weight some of {sorted(CORPUS_KINDS)}; unknown {unknown}")
-        for k in ("held_out_share", "align_noise", "laion_vague", "laion_wrong", "vtp_qa", "game_bare", "game_words"):
+        for k in ("held_out_share", "align_noise", "laion_vague", "laion_wrong", "vtp_qa", "vtp_moves", "game_bare",
+                  "game_words"):
             if not 0 <= getattr(self, k) <= 1:
                 raise ValueError(f"world.{k} must be in [0, 1]; got {getattr(self, k)}")
 
@@ -778,7 +786,11 @@ def make_pair(cfg: WorldConfig, split: str, index: int, source: str = "ltip") ->
 
 def make_video_pair(cfg: WorldConfig, split: str, index: int) -> dict:
     rng = _rng(cfg, split, "vtp", index)
-    clip = sample_clip(rng, cfg)
+    if cfg.vtp_moves == BACKWARD_DEFAULTS["vtp_moves"]:
+        clip = sample_clip(rng, cfg)  # the four events alike, drawn as before vtp_moves existed (same shards)
+    else:
+        event = "moves" if rng.random() < cfg.vtp_moves else rng.choice([e for e in EVENTS if e != "moves"])
+        clip = sample_clip(rng, cfg, event=event)
     sample = {"__key__": f"{split}-vtp-{index:07d}"}
     for f, img in enumerate(render_clip(clip, cfg)):
         sample[f"{f}.png"] = png_bytes(img)

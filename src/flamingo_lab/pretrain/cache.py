@@ -20,8 +20,15 @@ REPORT = "report.json"
 
 
 def world_fingerprint(world: dict) -> str:
-    """The identity of a world: its format and generating config (same seed and sizes -> same shards)."""
-    blob = {"config": world["config"], "format": world.get("format")}
+    """The identity of a world: its format and generating config (same seed and sizes -> same shards).
+
+    A key added to the config later is left out at the value that writes the same world as before it
+    existed (``world.BACKWARD_DEFAULTS``): a world written before and one written after have one identity.
+    """
+    from flamingo_lab.data.world import BACKWARD_DEFAULTS
+
+    config = {k: v for k, v in world["config"].items() if not (k in BACKWARD_DEFAULTS and v == BACKWARD_DEFAULTS[k])}
+    blob = {"config": config, "format": world.get("format")}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
