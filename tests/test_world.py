@@ -138,7 +138,7 @@ def _cfg(**kw) -> WorldConfig:
 
 
 def test_a_world_written_before_a_key_existed_stays_current(tiny_world_dir, tmp_path):
-    """A key added to the world config later (game_bare, game_words, vtp_moves) reads, in a world.json written
+    """A key added to the world config later (game_bare, game_words, game_cues, vtp_moves) reads, in a world.json written
     without it, as the value that writes the same world: flamingo-data does not rewrite that world and its cached
     stages keep their keys. At another value the world is another world."""
     import shutil
@@ -319,6 +319,33 @@ def test_bare_colour_game_items_in_the_corpus_and_word_items_on_game_pages():
     ic, emb = compose_world("in_context"), compose_world("embedded")
     assert (ic.name, ic.game_bare, ic.game_words, ic.page_kinds["game"]) == ("in_context", 0.5, 0.5, 0.4)
     assert (emb.game_bare, emb.game_words) == (0.0, 0.0) and ic.n_train_m3w == emb.n_train_m3w
+
+
+def test_cued_games_in_the_corpus_bind_arbitrary_words():
+    """world.game_cues: that share of the corpus's games names each colour by a cue word of any kind (one per
+    colour for the whole game, never one of the game's answers); at 0 the corpus is the same as before."""
+    from flamingo_lab.data.world import CUE_WORDS, NONSENSE
+
+    item = re.compile(r"(\w+) Question: what colour is it\? Answer: (\w+)")
+    games = lambda c: [p for p in (corpus_paragraph(c, "train", i) for i in range(300))  # noqa: E731
+                       if "Question: what colour is it? Answer:" in p]
+    plain = games(_cfg(game_bare=0.5))
+    assert plain == games(_cfg(game_bare=0.5, game_cues=0.0))
+    cued = [g for g in games(_cfg(game_bare=0.5, game_cues=1.0))]
+    assert len(cued) == len(plain)
+    seen = set()
+    for g in cued:
+        items = item.findall(g)
+        assert items and all(cue in CUE_WORDS and cue not in {a for _, a in items} for cue, _ in items)
+        assert all(len({a for c2, a in items if c2 == c}) == 1 for c, _ in items)  # one answer per cue
+        assert all(len({c2 for c2, a2 in items if a2 == a}) == 1 for _, a in items)  # one cue per answer
+        seen |= {c for c, _ in items}
+    assert seen - set(NONSENSE) and seen & set(NONSENSE)  # cues of every kind, nonsense words among them
+    half = games(_cfg(game_bare=0.5, game_cues=0.5))
+    share = sum(not re.search(r"(red|green|blue|yellow|purple) Question: what colour", g) for g in half) / len(half)
+    assert 0.3 < share < 0.7
+    with pytest.raises(ValueError, match="game_cues"):
+        _cfg(game_cues=-0.1)
 
 
 def test_videos_show_their_event():

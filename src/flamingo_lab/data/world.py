@@ -58,7 +58,7 @@ WORLD_FORMAT = "flamingo-lab-world/6"
 #: Keys added to WorldConfig after worlds of this format were written, each with the value that writes the
 #: same world as before it existed: a world.json without one reads as that value (load_world), and at that
 #: value it is no part of a world's identity (pretrain.cache.world_fingerprint), so cached stages stay valid.
-BACKWARD_DEFAULTS = {"game_bare": 0.0, "game_words": 0.0, "vtp_moves": 0.25}
+BACKWARD_DEFAULTS = {"game_bare": 0.0, "game_words": 0.0, "game_cues": 0.0, "vtp_moves": 0.25}
 MANIFEST = "world.json"
 SPLITS = ("train", "val")
 SOURCES = ("m3w", "ltip", "align", "laion", "vtp")
@@ -138,6 +138,8 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
                 "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
                 "eighteen", "nineteen", "twenty")
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth")
+#: cue words of the corpus's cued games (game_cues): words of every kind, so the LM binds on any token
+CUE_WORDS = tuple(sorted(set(NONSENSE) | set(FRUITS.values()) | set(THINGS.values()) | set(SHAPES) | set(NUMBER_WORDS[1:11])))
 #: video motions: direction -> (d_row, d_col) on the 2x2 grid
 MOVES = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 EVENTS = ("moves", "appears", "disappears", "turns")
@@ -237,6 +239,10 @@ class WorldConfig:
     # the cross-attention a path to it.
     game_bare: float = 0.0
     game_words: float = 0.0
+    # share of the corpus's games cued by arbitrary words in place of the colours ("fep Question: what colour is
+    # it? Answer: dax", each colour its own cue word for the whole game): the LM learns to bind on any token,
+    # not only on a colour word (README, in-context task)
+    game_cues: float = 0.0
 
     def __post_init__(self):
         self.shapes, self.colours, self.sizes = list(self.shapes), list(self.colours), list(self.sizes)
@@ -306,7 +312,7 @@ class WorldConfig:
         if unknown or not any(w > 0 for w in self.corpus_kinds.values()):
             raise ValueError(f"world.corpus_kinds must weight some of {sorted(CORPUS_KINDS)}; unknown {unknown}")
         for k in ("held_out_share", "align_noise", "laion_vague", "laion_wrong", "vtp_qa", "vtp_moves", "game_bare",
-                  "game_words"):
+                  "game_words", "game_cues"):
             if not 0 <= getattr(self, k) <= 1:
                 raise ValueError(f"world.{k} must be in [0, 1]; got {getattr(self, k)}")
 
@@ -924,11 +930,18 @@ def corpus_paragraph(cfg: WorldConfig, split: str, index: int) -> str:
         mapping = dict(zip(cfg.colours, rng.sample(NONSENSE, len(cfg.colours))))
         palette = rng.sample(cfg.colours, rng.randint(2, len(cfg.colours)))
         intro = rng.choice(_GAME_INTROS) + " " if rng.random() < 0.4 else ""
+        cues = None
+        if cfg.game_cues > 0 and rng.random() < cfg.game_cues:  # no draw at 0: older corpora stay the same
+            pool = sorted(set(CUE_WORDS) - set(mapping.values()))
+            cues = dict(zip(cfg.colours, rng.sample(pool, len(cfg.colours))))
         items = []
         for _ in range(rng.randint(4, 9)):
             s = sample_scene(rng, cfg, n=1, target={"colour": rng.choice(palette)})
             answer = mapping[s.objects[0].colour]
-            named = s.objects[0].colour if cfg.game_bare > 0 and rng.random() < cfg.game_bare else caption(s)
+            if cues is not None:
+                named = cues[s.objects[0].colour]
+            else:
+                named = s.objects[0].colour if cfg.game_bare > 0 and rng.random() < cfg.game_bare else caption(s)
             items.append(f"{named} {VQA_FORMAT.format(question='what colour is it?', answer=answer)}")
         return intro + sep.join(items)
     if kind == "video_qa":
