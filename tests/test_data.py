@@ -60,7 +60,7 @@ def test_same_seed_gives_byte_identical_shards(tmp_path):
     # b is written by two processes: the bytes do not depend on it
     a, b, c = (write_world(_small(s, w), tmp_path / n, progress=False) for s, w, n in ((0, 1, "a"), (0, 2, "b"), (1, 1, "c")))
     ha, hb, hc = (_tar_hashes(tmp_path / n) for n in "abc")
-    assert len(ha) == 2 * 5 * 2 + 6 * 2 * 2 and ha == hb  # 2 shards per split x source, and per task x split
+    assert len(ha) == 2 * 5 * 2 + 7 * 2 * 2 and ha == hb  # 2 shards per split x source, and per task x split
     assert set(ha) == set(hc) and all(ha[k] != hc[k] for k in ha)
     assert a["shards"] == c["shards"] and a["counts"] == b["counts"]
 

@@ -274,6 +274,31 @@ def test_k_shot_prompt_holds_support_then_query_each_span_sees_its_own_image(tas
     assert zero.text.index("<image>") > zero.text.index("<|endofchunk|>")
 
 
+def test_implicit_question_zero_shot_is_the_query_alone_and_shots_say_what_is_asked(tiny_world_dir, model):
+    """implicit_question's manifest fixes its 0-shot prompt to the query alone: the paper's two text-only examples
+    ("Answer: red") would name the kind of answer its shots are there to give. Other tasks keep the paper's."""
+    from flamingo_lab.config import compose
+    from flamingo_lab.data.world import CELL_NAMES
+    from flamingo_lab.eval.harness import TaskEvaluator
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(compose(["scale=tiny", f"data.root={tiny_world_dir}"]).eval, resolve=True)
+    tasks = load_tasks(tiny_world_dir)
+    task = tasks["implicit_question"]
+    assert task.in_context and task.zero_shot_text_examples == 0 and tasks["vqav2"].zero_shot_text_examples is None
+    ev = TaskEvaluator(model, task, cfg, progress=False)
+    zero = ev.prompts(0)
+    assert zero and all(p.text == "<image>Answer:" and p.images == [p.query.images] for p in zero)
+    values = {"colour": ["red", "green", "blue", "yellow", "purple"], "shape": ["circle", "square", "triangle", "star"],
+              "position": list(CELL_NAMES)}
+    for p in ev.prompts(4):  # four shots of the query's episode: their answers are of the kind the query asks
+        assert p.text.count("<image>") == 5 and "Question" not in p.text and p.text.endswith("<image>Answer:")
+        assert set(p.shown) <= set(values[p.query.meta["qtype"]]) and len(p.shown) == 4
+        assert all(f"<image>Answer: {a}<|endofchunk|>" in p.text for a in p.shown)
+    for p in TaskEvaluator(model, tasks["renamed_colours"], cfg, progress=False).prompts(0):
+        assert p.text.count("Answer:") == 3 and p.text.count("<image>") == 1  # two text-only examples, the query
+
+
 def test_batches_use_fixed_bucketed_shapes():
     assert [bucket(n, [32, 64, 128]) for n in (1, 32, 33, 128, 129, 300)] == [32, 32, 64, 128, 256, 384]
     img = Image.new("RGB", (32, 32))
@@ -319,7 +344,8 @@ def test_untrained_model_evaluates_every_task_with_rank_and_rices(task_world, mo
     assert res["scores"]["vqav2"]["2"]["n"] == 4 and res["scores"]["renamed_colours"]["2"]["n"] == 6
     # the in-context task says how much of its score repeating a shown answer explains
     ic = res["scores"]["renamed_colours"]["2"]
-    assert set(ic["in_context"]) == {"guess_shown", "copied"} and 0 <= ic["in_context"]["guess_shown"] <= 100
+    assert set(ic["in_context"]) == {"guess_shown", "copied", "in_episode"}
+    assert 0 <= ic["in_context"]["guess_shown"] <= 100 and ic["in_context"]["copied"] <= ic["in_context"]["in_episode"]
     shown = [g for g in ic["breakdown"] if g.startswith("answer_shown=")]
     assert shown and sum(ic["breakdown"][g]["n"] for g in shown) == 6
     assert "in_context" not in res["scores"]["vqav2"]["2"]
@@ -401,7 +427,15 @@ def test_in_context_breakdown_separates_binding_from_repeating_a_shown_answer():
     assert summary["copied"] == 100.0
     groups, summary = shown_breakdown(task, prompts, ["dax", "wug", "zib"])  # binds every time
     assert groups["answer_shown=True"]["score"] == 100.0 and groups["answer_shown=False"]["score"] == 100.0
-    assert summary["copied"] == pytest.approx(200 / 3)
+    assert summary["copied"] == pytest.approx(200 / 3) and "in_episode" not in summary
+    # in_episode: answers of the kind the episode asks (implicit_question), right or wrong, shown or not
+    for i, p in enumerate(prompts):
+        p.query.episode = i % 2
+    episodes = {0: {"dax", "wug", "zib", "fep"}, 1: {"red", "blue"}}
+    _, summary = shown_breakdown(task, prompts, ["zib", "red", "wug"], episodes)
+    assert summary["in_episode"] == 100.0 and summary["copied"] == pytest.approx(100 / 3)
+    _, summary = shown_breakdown(task, prompts, ["red", "dax", "top left"], episodes)
+    assert summary["in_episode"] == 0.0
 
 
 # ---------------------------------------------------------------- the text-description control

@@ -14,7 +14,9 @@ from PIL import Image
 
 from flamingo_lab.data.shards import load_world
 from flamingo_lab.data.world import (
+    CELL_NAMES,
     FRUITS,
+    IMPLICIT_TYPES,
     THINGS,
     TASKS,
     WorldConfig,
@@ -61,8 +63,9 @@ def test_tasks_follow_the_evaluation_contract(world):
                     assert Image.open(io.BytesIO(m["0.png"])).size == (32, 32)
                     meta = json.loads(m["json"])
                     assert {"id", "question", "answers", "captions", "episode", "scene"} <= set(meta)
-                    if spec["kind"] == "vqa":
-                        assert meta["question"] and len(meta["answers"]) == (1 if spec["metric"] == "top1" else 10)
+                    if spec["kind"] == "vqa":  # implicit_question leaves its question out (its shots say it)
+                        assert bool(meta["question"]) == (name != "implicit_question")
+                        assert len(meta["answers"]) == (1 if spec["metric"] == "top1" else 10)
                     if spec["kind"] == "video_qa":
                         assert meta["question"] and len(meta["answers"]) >= 1
                     if spec["kind"].endswith("caption"):
@@ -229,13 +232,13 @@ def test_prompt_formats_in_m3w_pages_and_video_qa_pairs_not_in_image_pairs():
     cfg = _cfg()
     docs = [make_doc_sample(cfg, "train", i)["json"] for i in range(300)]
     kinds = Counter(d["page_kind"] for d in docs)
-    assert set(kinds) == {"describe", "quiz", "gallery", "game", "mixed"}
+    assert set(kinds) == {"describe", "quiz", "gallery", "game", "mixed", "implicit"}
     text = " ".join(" ".join(d["text_list"]) for d in docs)
     assert "Question:" in text and "Answer:" in text and "Output:" in text
     for i in range(300):
         for s in ("ltip", "align", "laion"):
             cap = make_pair(cfg, "train", i, s)["txt"]
-            assert "Question" not in cap and "Output" not in cap
+            assert "Question" not in cap and "Output" not in cap and "Answer" not in cap
         assert "Output" not in make_video_pair(cfg, "train", i)["txt"]
     videos = [make_video_pair(cfg, "train", i) for i in range(400)]
     qa = [v for v in videos if v["json"]["text_kind"] == "qa"]
@@ -280,6 +283,59 @@ def test_game_pages_give_labels_only_in_context():
         assert test["episode"] == ep and test["mapping"] == sup[0]["mapping"]
         assert test["answers"] == [test["mapping"][test["scene"]["objects"][0]["colour"]]]
     assert mappings[0] != mappings[1]
+
+
+def _implicit_kind(cfg, answers):
+    """The one kind of question (colour, shape, position) that all ``answers`` answer, else None."""
+    values = {"colour": set(cfg.colours), "shape": set(cfg.shapes), "position": set(CELL_NAMES)}
+    kinds = [k for k in IMPLICIT_TYPES if set(answers) <= values[k]]
+    return kinds[0] if len(kinds) == 1 else None
+
+
+def test_implicit_question_pages_corpus_and_episodes_ask_one_kind_that_only_the_answers_say():
+    """The question left implicit: m3w pages, corpus paragraphs and task episodes answer one kind of question
+    (colour, shape or position of a single object) as "Answer: <answer>" with no question, each answer true of
+    its image; episodes spread evenly over the kinds, and the task's 0-shot prompt is the query alone."""
+    cfg = _cfg()
+    truth = lambda scene, kind: {"colour": scene["objects"][0]["colour"], "shape": scene["objects"][0]["shape"],  # noqa: E731
+                                 "position": scene["objects"][0]["position"]}[kind]
+    pages = [d for d in (make_doc_sample(cfg, "train", i)["json"] for i in range(300)) if d["page_kind"] == "implicit"]
+    assert len(pages) > 15
+    kinds = Counter()
+    for page in pages:
+        texts = [page["text_list"][info["matched_text_index"]] for info in page["image_info"]]
+        assert all(t.startswith("Answer: ") for t in texts) and not any("Question" in t for t in page["text_list"])
+        answers = [t[len("Answer: "):] for t in texts]
+        kind = _implicit_kind(cfg, answers) or _implicit_kind(cfg, answers[:1])
+        kinds[kind] += 1
+        for info, a in zip(page["image_info"], answers):
+            assert info["scene"]["n_objects"] == 1 and truth(info["scene"], kind) == a
+    assert set(kinds) == set(IMPLICIT_TYPES)
+    paragraphs = [p for p in (corpus_paragraph(cfg, "train", i) for i in range(600))
+                  if "Answer:" in p and "Question" not in p]
+    assert len(paragraphs) > 8
+    for p in paragraphs:
+        items = re.findall(r"a (?:small|big) (\w+) (\w+) in the ([\w ]+?)\. Answer: ([\w ]+?)(?=<\||$| a (?:small|big) )", p)
+        assert len(items) >= 2, p
+        kind = _implicit_kind(cfg, [a for *_, a in items]) or _implicit_kind(cfg, [items[0][3]])
+        assert all(a == dict(zip(("colour", "shape", "position"), (c, s, pos)))[kind] for c, s, pos, a in items), p
+    per = cfg.episode_support
+    episodes = []
+    for ep in range(6):
+        sup = [make_task_sample(cfg, "implicit_question", "support", ep * per + k)["json"] for k in range(per)]
+        test = [make_task_sample(cfg, "implicit_question", "test", ep * cfg.episode_test + k)["json"]
+                for k in range(cfg.episode_test)]
+        assert {m["episode"] for m in sup + test} == {ep} and all(m["question"] is None for m in sup + test)
+        kind = sup[0]["qtype"]
+        assert {m["qtype"] for m in sup + test} == {kind}
+        assert all(m["answers"] == [truth(m["scene"], kind)] for m in sup + test)
+        assert {m["answers"][0] for m in sup} == set(_implicit_values(cfg, kind))  # every answer shown
+        episodes.append(kind)
+    assert Counter(episodes) == {k: 2 for k in IMPLICIT_TYPES}
+
+
+def _implicit_values(cfg, kind):
+    return {"colour": cfg.colours, "shape": cfg.shapes, "position": list(CELL_NAMES)}[kind]
 
 
 def test_bare_colour_game_items_in_the_corpus_and_word_items_on_game_pages():
@@ -362,6 +418,9 @@ def test_videos_show_their_event():
 
 
 def test_world_json_lists_corpus_tasks_and_balance(world):
+    # the implicit question's 0-shot prompt is its query alone (its examples' text would name the kind asked)
+    assert world["tasks"]["implicit_question"]["zero_shot_text_examples"] == 0
+    assert all("zero_shot_text_examples" not in t for n, t in world["tasks"].items() if n != "implicit_question")
     for split in ("train", "val"):
         text = open(world["corpus"][split]).read()
         assert text.count("\n") == world["config"][f"n_corpus_{split}"]

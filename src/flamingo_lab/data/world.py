@@ -222,14 +222,15 @@ class WorldConfig:
     # in-context task is the LM's ability). 3-layer LM, 3000 steps, share of the right word copied (LM stage
     # report "game"; a guess among the words shown: 0.36): game share 0.5 -> 0.36, 0.7 -> 0.86
     corpus_kinds: dict[str, float] = field(
-        default_factory=lambda: {"facts": 0.16, "qa": 0.1, "game": 0.7, "video_qa": 0.04}
+        default_factory=lambda: {"facts": 0.12, "qa": 0.1, "game": 0.7, "video_qa": 0.04, "implicit": 0.04}
     )
     # question types that m3w quiz and mixed pages ask (QUESTION_TYPES, KNOWLEDGE_TYPES): web pages ask about
     # what an image shows and about what one knows of it; the facts themselves are stated in the corpus only
     quiz_types: list[str] = field(default_factory=lambda: ["colour", "shape", "count", "position", "fruit", "thing"])
     # m3w page kinds -> weight
     page_kinds: dict[str, float] = field(
-        default_factory=lambda: {"describe": 0.3, "quiz": 0.25, "gallery": 0.15, "game": 0.2, "mixed": 0.1}
+        default_factory=lambda: {"describe": 0.25, "quiz": 0.25, "gallery": 0.1, "game": 0.2, "mixed": 0.1,
+                                 "implicit": 0.1}
     )
     # The renaming game with the colour as one bare word where an image would stand ("red Question: what colour
     # is it? Answer: dax"): game_bare is the share of the corpus's game items in that form, game_words the share
@@ -527,6 +528,29 @@ def make_question(rng: random.Random, cfg: WorldConfig, qtype: str, held: bool) 
     raise ValueError(f"unknown question type {qtype!r}; valid: {QUESTION_TYPES + KNOWLEDGE_TYPES}")
 
 
+#: The in-context task with the question left implicit (issue: "answer format given only by the support
+#: examples ... or a question left implicit"): a page, a corpus paragraph or an episode asks one of these about
+#: single-object scenes, as "Answer: <answer>" with no question, so only its earlier answers say which.
+IMPLICIT_TYPES = ("colour", "shape", "position")
+IMPLICIT_FORMAT = "Answer: {answer}"
+
+
+def implicit_scene(rng: random.Random, cfg: WorldConfig, qtype: str, answer: str, held: bool = False) -> Scene:
+    """A single-object scene whose ``qtype`` (colour, shape or position) is ``answer``."""
+    if qtype == "colour":
+        return sample_scene(rng, cfg, n=1, target={"colour": answer}, held=held)
+    if qtype == "shape":
+        return sample_scene(rng, cfg, n=1, target={"shape": answer}, held=held)
+    if qtype == "position":
+        return sample_scene(rng, cfg, n=1, target={"cell": CELL_NAMES.index(answer)}, held=held)
+    raise ValueError(f"unknown implicit question type {qtype!r}; valid: {IMPLICIT_TYPES}")
+
+
+def implicit_answer(scene: Scene, qtype: str) -> str:
+    o = scene.objects[0]
+    return {"colour": o.colour, "shape": o.shape, "position": CELL_NAMES[o.cell]}[qtype]
+
+
 def _first(scene: Scene, **attrs) -> Obj:
     return next(o for o in scene.objects if all(getattr(o, k) == v for k, v in attrs.items()))
 
@@ -690,7 +714,8 @@ def _page(rng: random.Random, cfg: WorldConfig, kind: str, n_img: int) -> tuple[
         text, matched = make_doc(rng, scenes)
         return text, matched, scenes, {}
     text: list[str] = []
-    intros = {"quiz": _QUIZ_INTROS, "gallery": _GALLERY_INTROS, "game": _GAME_INTROS, "mixed": _INTROS}[kind]
+    intros = {"quiz": _QUIZ_INTROS, "gallery": _GALLERY_INTROS, "game": _GAME_INTROS, "mixed": _INTROS,
+              "implicit": _INTROS}[kind]
     if rng.random() < 0.4:
         text.append(rng.choice(intros))
     matched, scenes, extra = [], [], {}
@@ -700,6 +725,7 @@ def _page(rng: random.Random, cfg: WorldConfig, kind: str, n_img: int) -> tuple[
         palette = rng.sample(cfg.colours, min(len(cfg.colours), rng.randint(2, 3)))
         extra = {"mapping": mapping}
     qtype = rng.choice(cfg.quiz_types)  # a quiz page asks one kind of question, as a worksheet does
+    implicit_type = rng.choice(IMPLICIT_TYPES) if kind == "implicit" else None  # no draw for older page kinds
     for _ in range(n_img):
         matched.append(len(text))
         if kind == "gallery" or (kind == "mixed" and rng.random() < 0.5):
@@ -713,6 +739,9 @@ def _page(rng: random.Random, cfg: WorldConfig, kind: str, n_img: int) -> tuple[
                 text.append(f"{s.objects[0].colour} {item}")
                 continue
             text.append(item)
+        elif kind == "implicit":  # the question left implicit: the page's answers are all of one kind
+            s = implicit_scene(rng, cfg, implicit_type, rng.choice(_alternatives(cfg, implicit_type)))
+            text.append(IMPLICIT_FORMAT.format(answer=implicit_answer(s, implicit_type)))
         else:
             s, q, a = make_question(rng, cfg, qtype if kind == "quiz" else rng.choice(cfg.quiz_types), False)
             text.append(VQA_FORMAT.format(question=q, answer=a))
@@ -722,7 +751,7 @@ def _page(rng: random.Random, cfg: WorldConfig, kind: str, n_img: int) -> tuple[
     return text, matched, scenes, extra
 
 
-PAGE_KINDS = ("describe", "quiz", "gallery", "game", "mixed")
+PAGE_KINDS = ("describe", "quiz", "gallery", "game", "mixed", "implicit")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -830,7 +859,12 @@ TASKS: dict[str, tuple[str, str, int, bool]] = {
     "msvdqa": ("video_qa", "top1", 0, False),
     "vatex": ("video_caption", "cider", 0, False),
     "renamed_colours": ("vqa", "top1", 1, True),
+    "implicit_question": ("vqa", "top1", 1, True),
 }
+#: Tasks whose 0-shot prompt is the query alone: their support examples' text would say what the shots are
+#: there to say (implicit_question: "Answer: red" names the kind of answer wanted), so the paper's two
+#: text-only examples would make 0 shots a k-shot prompt without images.
+QUERY_ONLY_ZERO_SHOT = ("implicit_question",)
 
 
 def list_tasks() -> list[str]:
@@ -880,6 +914,16 @@ def make_task_sample(cfg: WorldConfig, task: str, split: str, index: int) -> dic
         images, meta["scene"] = [render_scene(scene, cfg)], scene.meta()
         meta.update(question="what colour is it?", answers=[mapping[colour]], episode=episode, qtype="colour",
                     mapping=mapping)
+    elif task == "implicit_question":
+        per = cfg.episode_support if split == "support" else cfg.episode_test
+        episode = index // per
+        qtype = IMPLICIT_TYPES[episode % len(IMPLICIT_TYPES)]  # each kind in a third of the episodes
+        values = _alternatives(cfg, qtype)
+        # support: every answer of the kind in turn (each shown in an episode of 10); test: drawn uniformly
+        answer = values[(index % per) % len(values)] if split == "support" else rng.choice(values)
+        scene = implicit_scene(rng, cfg, qtype, answer, held)
+        images, meta["scene"] = [render_scene(scene, cfg)], scene.meta()
+        meta.update(question=None, answers=[answer], episode=episode, qtype=qtype)
     else:
         raise ValueError(f"unknown task {task!r}; valid: {list_tasks()}")
     meta["held_out"] = held
@@ -902,7 +946,7 @@ _THING_FACTS = ("a {thing} has the shape of a {shape}.", "the {thing} looks like
                 "Question: what thing has the shape of a {shape}? Answer: {thing}")
 
 
-CORPUS_KINDS = ("facts", "qa", "game", "video_qa")
+CORPUS_KINDS = ("facts", "qa", "game", "video_qa", "implicit")
 
 
 def corpus_paragraph(cfg: WorldConfig, split: str, index: int) -> str:
@@ -944,6 +988,13 @@ def corpus_paragraph(cfg: WorldConfig, split: str, index: int) -> str:
                 named = s.objects[0].colour if cfg.game_bare > 0 and rng.random() < cfg.game_bare else caption(s)
             items.append(f"{named} {VQA_FORMAT.format(question='what colour is it?', answer=answer)}")
         return intro + sep.join(items)
+    if kind == "implicit":  # described scenes answered with no question: earlier answers say what is asked
+        qtype = rng.choice(IMPLICIT_TYPES)
+        items = []
+        for _ in range(rng.randint(2, 6)):
+            s = implicit_scene(rng, cfg, qtype, rng.choice(_alternatives(cfg, qtype)))
+            items.append(f"{caption(s)} {IMPLICIT_FORMAT.format(answer=implicit_answer(s, qtype))}")
+        return sep.join(items)
     if kind == "video_qa":
         items = []
         for _ in range(rng.randint(2, 3)):
@@ -1101,6 +1152,8 @@ def write_world(cfg: WorldConfig, out_dir: str | Path, *, progress: bool = True)
             splits[split] = names
         tasks[task] = {"kind": kind, "metric": metric, "splits": splits, "frames": frames or cfg.frames,
                        "in_context": in_context}
+        if task in QUERY_ONLY_ZERO_SHOT:
+            tasks[task]["zero_shot_text_examples"] = 0
 
     total = sum(j[-1] - j[-2] for j in jobs)
     bar = tqdm(total=total, desc=f"world {cfg.name}", unit="sample", disable=not progress)
@@ -1162,7 +1215,8 @@ def write_world(cfg: WorldConfig, out_dir: str | Path, *, progress: bool = True)
         "held_out": cfg.held_out,
         "answer_balance": balance,
         "prompts": {"caption": "<image>" + CAPTION_FORMAT + "<|endofchunk|>",
-                    "vqa": "<image>" + VQA_FORMAT + "<|endofchunk|>"},
+                    "vqa": "<image>" + VQA_FORMAT + "<|endofchunk|>",
+                    "implicit_question": "<image>" + IMPLICIT_FORMAT + "<|endofchunk|>"},
         "tokenizer": "tokenizer",
         "vocab_size": len(tok),
         "elapsed_s": round(time.perf_counter() - t0, 2),

@@ -131,14 +131,18 @@ def breakdown(task: Task, items: list[Item], preds: list[str], keys=("qtype", "h
     return out
 
 
-def shown_breakdown(task: Task, prompts: list[Prompt], preds: list[str]) -> tuple[dict, dict]:
+def shown_breakdown(task: Task, prompts: list[Prompt], preds: list[str],
+                    episode_answers: Mapping[Any, set] | None = None) -> tuple[dict, dict]:
     """For an in-context task: ``(groups, summary)``. ``groups``: the score where the query's answer was
     among the shots' answers and where it was not; the first with ``guess_shown``, what copying a shown
     answer at random scores there (per prompt, one over the number of distinct answers shown). A model
     that only repeats some answer it was shown reaches that floor and no more; binding each answer to
     what its example shows lifts the score above it. ``summary``: that floor over every prompt
     (``guess_shown``, comparable with the task's score) and the share of predictions that repeat a shown
-    answer (``copied``)."""
+    answer (``copied``). With ``episode_answers`` (episode -> every answer its support items give), also the
+    share of predictions that are one of the query's episode's answers (``in_episode``): for
+    implicit_question, an answer of the kind asked (right or wrong); for renamed_colours, one of the
+    episode's fresh words."""
     groups: dict[str, dict] = {}
     for value in (True, False):
         idx = [i for i, p in enumerate(prompts) if (target_text(task, p.query) in p.shown) == value]
@@ -153,6 +157,9 @@ def shown_breakdown(task: Task, prompts: list[Prompt], preds: list[str]) -> tupl
                                    for p in prompts if p.shown) / max(len(prompts), 1),
         "copied": 100.0 * sum(pr in p.shown for p, pr in zip(prompts, preds)) / max(len(prompts), 1),
     }
+    if episode_answers is not None:
+        summary["in_episode"] = 100.0 * sum(pr in episode_answers.get(p.query.episode, ())
+                                            for p, pr in zip(prompts, preds)) / max(len(prompts), 1)
     return groups, summary
 
 
@@ -191,7 +198,8 @@ class TaskEvaluator:
         for i, q in enumerate(self.test):
             qf = self.query_features[i] if self.sampler.method == "rices" and self.support else None
             if k == 0:  # the paper's 0-shot: two text-only examples, then the query
-                n_text = int(self.cfg.get("zero_shot_text_examples", 2))
+                n_text = self.task.zero_shot_text_examples  # the task's own (implicit_question: the query alone)
+                n_text = int(self.cfg.get("zero_shot_text_examples", 2) if n_text is None else n_text)
                 shots = self.sampler.sample(q, n_text, None)
                 out.append(build_prompt(self.template, self.task, shots, q, text_only=True, describe=describe))
             else:
@@ -268,7 +276,10 @@ class TaskEvaluator:
         out["score"] = _score(self.task, self.test, preds)
         out["breakdown"] = breakdown(self.task, self.test, preds)
         if self.task.in_context:
-            groups, out["in_context"] = shown_breakdown(self.task, prompts, preds)
+            episode_answers: dict[Any, set] = {}
+            for sup in self.support:
+                episode_answers.setdefault(sup.episode, set()).add(target_text(self.task, sup))
+            groups, out["in_context"] = shown_breakdown(self.task, prompts, preds, episode_answers)
             out["breakdown"].update(groups)
         out["seconds"] = time.perf_counter() - started
         out["examples"] = [{"id": p.query.id, "prediction": pr, "target": target_text(self.task, p.query)}
@@ -340,8 +351,10 @@ def evaluate_model(model, root: str | Path, cfg: Mapping, *, out_dir: str | Path
                 log.info("%s %d-shot: %s %.2f (%d items, %.1fs)", name, k, task.metric, res["score"], res["n"],
                          res["seconds"])
                 if "in_context" in res:
-                    log.info("%s %d-shot: a random shown answer would score %.2f; %.0f%% of answers repeat one shown",
-                             name, k, res["in_context"]["guess_shown"], res["in_context"]["copied"])
+                    ic = res["in_context"]
+                    log.info("%s %d-shot: a random shown answer would score %.2f; %.0f%% of answers repeat one shown, "
+                             "%.0f%% are one of the episode's answers", name, k, ic["guess_shown"], ic["copied"],
+                             ic.get("in_episode", float("nan")))
             for control in controls:
                 if not all(has_scene(it) for it in ev.test + ev.support):
                     control_scores[control][name] = {"skipped": "items without scene metadata (not an embedded world)"}

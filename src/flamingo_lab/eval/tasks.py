@@ -6,7 +6,8 @@ real-format files (COCO captions, VQAv2); both hold::
     "tasks": {"<task>": {"kind": "caption" | "vqa" | "video_qa" | "video_caption",
                          "metric": "cider" | "vqa_accuracy" | "top1",
                          "splits": {"support": [shards], "test": [shards]},
-                         "frames": 1 | F, "in_context": false | true, "classes": [...] (optional)}}
+                         "frames": 1 | F, "in_context": false | true, "classes": [...] (optional),
+                         "zero_shot_text_examples": n (optional: overrides eval.zero_shot_text_examples)}}
 
 Each sample: images ``0.png`` .. ``{F-1}.png`` (the frames of a clip, or one still) and ``json``
 ``{"id", "question", "answers", "captions", "episode", ...}``. Shard paths may be relative to the
@@ -40,6 +41,9 @@ class Task:
     frames: int = 1
     in_context: bool = False
     classes: list[str] | None = None
+    # text-only examples in this task's 0-shot prompt, where the task fixes it (None: eval.zero_shot_text_examples);
+    # 0 for a task whose support texts alone say what the shots are there to say (implicit_question)
+    zero_shot_text_examples: int | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -96,6 +100,7 @@ def load_tasks(root: str | Path) -> dict[str, Task]:
             name=name, kind=spec["kind"], metric=spec["metric"], support=resolve(splits.get("support")),
             test=resolve(splits.get("test")), frames=int(spec.get("frames", 1)),
             in_context=bool(spec.get("in_context", False)), classes=spec.get("classes"),
+            zero_shot_text_examples=spec.get("zero_shot_text_examples"),
         )
     return tasks
 
