@@ -314,6 +314,8 @@ def test_smoke_sweep_of_every_row_skips_on_rerun_records_failures_and_renders(tm
     proc, again = _sweep(tmp_path, *args)
     assert proc.returncode == 1
     assert proc.stdout.count("skipped:") + proc.stderr.count("skipped:") == len(ROW_ORDER)
+    # the sweep knew beforehand: each complete run's config key is what composing its overrides gives
+    assert f"1 of {len(rows)} runs to train; {len(ROW_ORDER)} complete for this config are skipped" in proc.stdout
     assert mtimes == {row: (out / row / "seed0" / "results.json").stat().st_mtime for row in results}
     assert again < first / 2, (again, first)
     print(f"smoke sweep of {len(rows)} rows: {first:.0f} s; rerun (all skipped): {again:.0f} s")
@@ -350,35 +352,49 @@ def test_two_runs_side_by_side_in_worker_processes_with_progress_lines(tmp_path)
 
 
 def test_progress_lines_count_finished_runs_and_estimate_from_the_rate_after_the_first(tmp_path, monkeypatch, capsys):
-    """A line each time runs finish; runs complete before the sweep started are not to do; the estimate
-    uses the rate after the first finish (the first runs also wait for the pretraining stages)."""
+    """A line each time runs finish; runs complete before the sweep started for the config it gives them now
+    are not to do, a run complete for an older config is; the estimate uses the rate after the first finish
+    (the first runs also wait for the pretraining stages)."""
     import flamingo_lab.sweep as sweep_mod
+    from flamingo_lab.config import compose
+    from flamingo_lab.training.run import config_key
 
-    spec = load_sweep(SWEEP, ["rows=[baseline,no_m3w]", "seeds=2"])
-    paths = {(r, s): tmp_path / f"{r}{s}.json" for r in ("baseline", "no_m3w") for s in (0, 1)}
-    done_before = {("baseline", 0)}
-    paths[("baseline", 0)].write_text("{}")
-    os.utime(paths[("baseline", 0)], (0, 0))  # finished long before this sweep
-    finishing = [("baseline", 1), ("no_m3w", 0), ("no_m3w", 1)]  # one more per poll
+    spec = load_sweep(SWEEP, ["rows=[baseline,no_m3w,no_tanh]", "seeds=2"])
+    paths = {(r, s): tmp_path / r / f"seed{s}" / "results.json" for r in ("baseline", "no_m3w", "no_tanh") for s in (0, 1)}
+    for p in paths.values():
+        p.parent.mkdir(parents=True)
+    done_before = {("baseline", 0), ("no_tanh", 0), ("no_tanh", 1)}
+    keys = {k: config_key(compose(sweep_mod.job_overrides(spec, *k))) for k in done_before}
+    keys[("no_tanh", 1)] = "an older config"  # complete, but for another config: it trains again
+    for k in done_before:
+        paths[k].write_text(json.dumps({"status": "complete", "config_key": keys[k]}))
+        os.utime(paths[k], (0, 0))  # finished long before this sweep
+    finishing = [("baseline", 1), ("no_m3w", 0), ("no_m3w", 1), ("no_tanh", 1)]  # one more per poll
     state = {"polls": 0}
 
     def fake_status(_spec):
         return {k: {"status": "complete" if k in done_before or k in finishing[:state["polls"]] else "missing",
                     "path": str(p), "error": None} for k, p in paths.items()}
 
+    monkeypatch.setattr(sweep_mod, "run_status", fake_status)
+    real_todo = sweep_mod.runs_to_train(spec)
+    assert sorted(real_todo) == sorted(finishing)
+
     class FakeProc:
         def wait(self, timeout=None):
             state["polls"] += 1
             for k in finishing[:state["polls"]]:
                 paths[k].write_text("{}")
-            if state["polls"] < 3:
+            if state["polls"] < 4:
                 raise subprocess.TimeoutExpired("flamingo-train", timeout)
             return 0
 
-    clock = iter([100.0, 160.0, 220.0])
-    monkeypatch.setattr(sweep_mod, "run_status", fake_status)
+    clock = iter([100.0, 160.0, 220.0, 280.0])
     sweep_mod.report_progress(spec, FakeProc(), started=0.0, every=0.0, clock=lambda: next(clock))
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if "runs finished" in ln]
-    assert lines == ["[flamingo-sweep] 1/3 runs finished, 1 min 40 s elapsed",
-                     "[flamingo-sweep] 2/3 runs finished, 2 min 40 s elapsed, ~1 min 00 s left",
-                     "[flamingo-sweep] 3/3 runs finished, 3 min 40 s elapsed"]
+    out = capsys.readouterr().out.splitlines()
+    assert "[flamingo-sweep] 4 of 6 runs to train; 2 complete for this config are skipped" in out
+    lines = [ln for ln in out if "runs finished" in ln]
+    assert lines == ["[flamingo-sweep] 1/4 runs finished, 1 min 40 s elapsed",
+                     "[flamingo-sweep] 2/4 runs finished, 2 min 40 s elapsed, ~2 min 00 s left",
+                     "[flamingo-sweep] 3/4 runs finished, 3 min 40 s elapsed, ~1 min 00 s left",
+                     "[flamingo-sweep] 4/4 runs finished, 4 min 40 s elapsed"]

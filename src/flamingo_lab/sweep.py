@@ -132,6 +132,32 @@ def run_status(spec: DictConfig) -> dict[tuple[str, int], dict]:
     return out
 
 
+def job_overrides(spec: DictConfig, row: str, seed: int) -> list[str]:
+    """The overrides the multirun gives run (row, seed), less Hydra's own settings: compose() of them gives
+    the config that run computes, hence its config key."""
+    shared = [o for o in train_command(spec)[4:] if not o.lstrip("+~").startswith("hydra")]
+    return [f"seed={seed}", f"experiment={row}", *shared]
+
+
+def runs_to_train(spec: DictConfig) -> list[tuple[str, int]]:
+    """The (row, seed) runs the multirun will train: those without a results.json that is complete for the
+    config the sweep gives them now (a run complete for an older config is trained again)."""
+    from flamingo_lab.config import compose
+    from flamingo_lab.training.run import completed, config_key
+
+    todo = []
+    for (row, seed), v in run_status(spec).items():
+        if v["status"] == "complete":
+            try:
+                key = config_key(compose(job_overrides(spec, row, seed)))
+            except Exception:  # noqa: BLE001 -- a config that does not compose fails in its run, which is to do
+                key = None
+            if key is not None and completed(Path(v["path"]).parent, key) is not None:
+                continue
+        todo.append((row, seed))
+    return todo
+
+
 def _clock(seconds: float) -> str:
     minutes = int(seconds // 60)
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min {int(seconds % 60):02d} s"
@@ -140,8 +166,8 @@ def _clock(seconds: float) -> str:
 def report_progress(spec: DictConfig, proc: subprocess.Popen, started: float, every: float = 10.0,
                     clock=time.perf_counter) -> None:
     """While the multirun runs: a line each time runs finish (complete or failed), with the elapsed time
-    and an estimate of what is left. Runs already complete when the sweep started are counted as to be
-    skipped (a changed config reruns them, which the estimate then under-counts)."""
+    and an estimate of what is left. Runs already complete for the config the sweep gives them are skipped
+    and not counted; a run complete for an older config is counted, as it trains again."""
     total = len(spec.rows) * len(seeds_of(spec))
     wall_start = time.time()
 
@@ -152,7 +178,9 @@ def report_progress(spec: DictConfig, proc: subprocess.Popen, started: float, ev
                 n += Path(v["path"]).stat().st_mtime >= since
         return n
 
-    todo = total - sum(v["status"] == "complete" for v in run_status(spec).values())  # failed ones run again
+    todo = len(runs_to_train(spec))  # failed ones and those of an older config run again
+    print(f"[flamingo-sweep] {todo} of {total} runs to train; {total - todo} complete for this config are skipped",
+          flush=True)
     last, running, first = 0, True, None
     while running:
         try:

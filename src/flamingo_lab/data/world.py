@@ -11,8 +11,9 @@ Training sources (WebDataset shards, ``{split}/{source}-{shard:06d}.tar``):
 - ``m3w``: interleaved pages (MMC4 layout: ``json`` with ``text_list`` and ``image_info``, images
   ``0.png`` ...). Page kinds: descriptions with cross-image sentences (counts, comparisons), quizzes
   and galleries written in the evaluation prompt formats (``Question: .. Answer: ..``,
-  ``Output: ..``), and colour-renaming games whose labels are given only by earlier images of the
-  page. The prompt formats appear only here, never in the pairs (few-shot must not be zero-shot).
+  ``Output: ..``), colour-renaming games whose labels are given only by earlier images of the
+  page, and pages that answer one kind of question (colour, shape or position) with the question left out
+  (``Answer: ..``), so that only the page's earlier answers say what is asked. The prompt formats appear only here, never in the pairs (few-shot must not be zero-shot).
 - ``ltip`` (clean, descriptive captions), ``align`` (noisier alt-text, more numerous) and
   ``laion`` (a share of vague or wrong captions): image-text pairs (``png``/``txt``/``json``).
 - ``vtp``: video-text pairs (``0.png`` .. ``{F-1}.png`` frames, ``txt``, ``json``): an object
@@ -22,7 +23,8 @@ Evaluation tasks (``tasks/{task}/{support|test}-{shard:06d}.tar``, format in ``m
 ``coco`` (captioning), ``okvqa`` (needs a fact stated only in the text corpus), ``vqav2`` (ten
 reference answers), ``msvdqa`` (video QA, top-1), ``vatex`` (video captioning) and
 ``renamed_colours`` (in-context: colour names are fresh words per episode, given only by the
-support examples). Held-out colour-shape combinations never appear in training or support data;
+support examples) and ``implicit_question`` (in-context: each episode asks one kind of question with the
+question left out; only the support examples say which). Held-out colour-shape combinations never appear in training or support data;
 a share of test items is built on them. Answers are balanced (no answer above 40% of a question type).
 
 Text corpus (``corpus/{train,val}.txt``, one paragraph a line): scene descriptions and the facts
