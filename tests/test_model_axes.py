@@ -197,6 +197,20 @@ def test_matched_resampler_budgets_at_tiny_scale(tiny_tokenizer_dir):
         assert abs(counts[r] / counts["perceiver"] - 1) < 0.25, counts
 
 
+@pytest.mark.parametrize("resampler", ["perceiver", "mlp", "transformer"])
+def test_spatial_emb_trains_in_every_resampler_outside_the_budget(resampler, tiny_tokenizer_dir):
+    plain, _ = build(tiny_tokenizer_dir, f"model/resampler={resampler}")
+    model, _ = build(tiny_tokenizer_dir, f"model/resampler={resampler}", "model.resampler.spatial_emb=true")
+    table = model.resampler.spatial_emb
+    assert table.requires_grad and table.shape == (model.vision.num_tokens, model.vision.dim)
+    # the same layers as without it (the matched budget ignores the table), plus the table
+    extra = model.parameter_counts()["resampler/total"] - plain.parameter_counts()["resampler/total"]
+    assert extra == table.numel()
+    _, images = batch(model)
+    model.encode_media(images).sum().backward()
+    assert table.grad is not None and table.grad.abs().sum() > 0
+
+
 def test_vision_families_are_ordered_like_the_papers(tiny_tokenizer_dir):
     n = {v: build(tiny_tokenizer_dir, f"model/vision={v}")[0].parameter_counts()["vision/total"]
          for v in ["nfnet_f6", "clip_vit_l14", "nfnet_f0"]}

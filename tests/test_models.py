@@ -367,6 +367,27 @@ def test_resampler_rejects_too_many_frames():
         res(torch.randn(1, 1, 5, 3, 24))
 
 
+def test_spatial_emb_tells_the_perceiver_where_each_token_is():
+    """The paper's perceiver reads a frame's tokens as a set (no spatial encoding): the same tokens in another
+    grid order give the same latents, so where an object is must be in the features' channels. With
+    ``spatial_emb`` each grid position has its own learned embedding and the order matters."""
+    x = torch.randn(2, 1, 1, 5, 24)  # (B, T_img, F, N, D_v)
+    shuffled = x[:, :, :, [3, 0, 4, 1, 2]]
+    torch.manual_seed(0)
+    plain = PerceiverResampler(ResamplerConfig(**TINY_RESAMPLER), dim_media=24)
+    torch.testing.assert_close(plain(x), plain(shuffled))
+    torch.manual_seed(0)
+    spatial = PerceiverResampler(ResamplerConfig(**TINY_RESAMPLER, spatial_emb=True), dim_media=24, n_tokens=5)
+    assert spatial.spatial_emb.shape == (5, 24)
+    assert (spatial(x) - spatial(shuffled)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="has 5 token positions but the vision encoder gave 4 tokens per frame"):
+        spatial(torch.randn(1, 1, 1, 4, 24))
+    with pytest.raises(ValueError, match="spatial_emb needs the vision encoder's number of tokens"):
+        PerceiverResampler(ResamplerConfig(**TINY_RESAMPLER, spatial_emb=True), dim_media=24)
+    with pytest.raises(ValueError, match="resampler.spatial_emb must be true or false"):
+        ResamplerConfig(**TINY_RESAMPLER, spatial_emb="yes")
+
+
 def test_lm_from_a_local_folder(tiny_tokenizer_dir, tmp_path):
     model = make_model(tiny_tokenizer_dir)
     model.lm.save_pretrained(tmp_path / "lm")

@@ -201,6 +201,19 @@ def test_complete_results_for_the_same_config_are_skipped(small_cfg, tmp_path, m
     assert run_mod.run(small_cfg, tmp_path)["new"] and len(calls) == 3  # a failed run is retried
 
 
+def test_a_setting_added_later_keeps_older_runs_keys(small_cfg):
+    """A run made before model.resampler.spatial_emb existed computed what spatial_emb=false computes: its
+    results.json still counts; spatial_emb=true is another config."""
+    from omegaconf import OmegaConf
+
+    key = run_mod.config_key(small_cfg)
+    before = OmegaConf.to_container(small_cfg)
+    del before["model"]["resampler"]["spatial_emb"]  # the config as composed before the setting existed
+    assert run_mod.config_key(OmegaConf.create(before)) == key
+    small_cfg.model.resampler.spatial_emb = True
+    assert run_mod.config_key(small_cfg) != key
+
+
 def test_failure_is_recorded_then_raised_or_caught(small_cfg, tmp_path, monkeypatch):
     def boom(cfg, run_dir):
         raise RuntimeError("boom inside training")

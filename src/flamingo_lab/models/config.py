@@ -140,9 +140,15 @@ class ResamplerConfig:
     dim_head: int = 96  # paper: 1536 wide / 16 heads
     ff_mult: int = 4  # paper: feed-forward 4x the width
     max_frames: int = 8  # paper: 8 frames at 1 fps in training (learned time embeddings)
+    # A learned embedding per position of the encoder's token grid, added like the time embedding. Paper: none
+    # (appendix: no explicit spatial grid position encodings, "we did not observe improvements"; CNNs carry
+    # position channel-wise). Off at every scale; at the embedded scale it did not help either (README).
+    spatial_emb: bool = False
 
     def __post_init__(self):
         _check_choice("resampler.name", self.name, list_resamplers())
+        if not isinstance(self.spatial_emb, bool):
+            raise ValueError(f"resampler.spatial_emb must be true or false; got {self.spatial_emb!r}")
         for k in ("depth", "n_latents", "heads", "dim_head", "ff_mult", "max_frames"):
             _check_positive_int(f"resampler.{k}", getattr(self, k))
         for k in ("dim", "layers"):

@@ -45,7 +45,7 @@ class Flamingo(nn.Module):
                 f"vision '{cfg.vision.name}' down to n_latents={cfg.resampler.n_latents}: choose "
                 f"model.resampler.n_latents <= {self.vision.num_tokens}, a larger model.vision.image_size, "
                 "or model/resampler=perceiver (its latents are learned queries)")
-        self.resampler = build_resampler(cfg.resampler, self.vision.dim)
+        self.resampler = build_resampler(cfg.resampler, self.vision.dim, self.vision.num_tokens)
         self.lm = build_lm(cfg.lm, self.tokenizer)
 
         self.lm_layers_name, layers = find_decoder_layers(self.lm)

@@ -1,12 +1,15 @@
 """Resamplers: a variable number of visual tokens -> a fixed number of visual tokens per image.
 
 Every resampler maps ``(B, T_img, F, N, D_v)`` to ``(B, T_img, n_latents, dim)``: it adds a learned
-time embedding per frame, flattens the frames into its keys and projects the vision width ``D_v`` to
-its own width ``dim`` (paper: NFNet-F6's 3072 -> 1536). The kinds (Table 3 (vi)) have the same
+time embedding per frame (and, with ``resampler.spatial_emb``, a learned embedding per token position on
+the encoder's grid), flattens the frames into its keys and projects the vision width ``D_v`` to its own
+width ``dim`` (paper: NFNet-F6's 3072 -> 1536). The kinds (Table 3 (vi)) have the same
 parameter budget: ``resampler.depth`` perceiver layers; see :class:`ResamplerConfig`.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -82,12 +85,18 @@ class SelfAttention(nn.Module):
 class Resampler(nn.Module):
     """What every kind shares: width, time embeddings, the frames flattened into the keys."""
 
-    def __init__(self, cfg: ResamplerConfig, dim_media: int, n_layers: int):
+    def __init__(self, cfg: ResamplerConfig, dim_media: int, n_layers: int, n_tokens: int | None = None):
         super().__init__()
         self.cfg, self.n_layers = cfg, n_layers
         self.dim = cfg.dim if cfg.dim is not None else dim_media
         self.time_emb = nn.Parameter(torch.zeros(cfg.max_frames, 1, dim_media))  # (max_frames, 1, D_v)
         nn.init.normal_(self.time_emb, std=0.02)
+        self.spatial_emb = None
+        if cfg.spatial_emb:
+            if n_tokens is None:
+                raise ValueError("resampler.spatial_emb needs the vision encoder's number of tokens per frame")
+            self.spatial_emb = nn.Parameter(torch.zeros(n_tokens, dim_media))  # (N, D_v)
+            nn.init.normal_(self.spatial_emb, std=0.02)
         self.norm = nn.LayerNorm(self.dim)
 
     def frames_to_keys(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,6 +108,11 @@ class Resampler(nn.Module):
             raise ValueError(f"got {n_frames} frames per image but resampler.max_frames is "
                              f"{self.cfg.max_frames}; raise resampler.max_frames or sample fewer frames")
         x = x + self.time_emb[:n_frames]  # (B, T, F, N, D_v)
+        if self.spatial_emb is not None:
+            if x.shape[3] != self.spatial_emb.shape[0]:
+                raise ValueError(f"resampler.spatial_emb has {self.spatial_emb.shape[0]} token positions but the "
+                                 f"vision encoder gave {x.shape[3]} tokens per frame")
+            x = x + self.spatial_emb  # (B, T, F, N, D_v)
         return x.flatten(2, 3)  # (B, T, F*N, D_v)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,8 +130,8 @@ class Resampler(nn.Module):
 class PerceiverResampler(Resampler):
     """The paper's: ``n_latents`` learned queries cross-attend to [frames' tokens; latents], ``depth`` times."""
 
-    def __init__(self, cfg: ResamplerConfig, dim_media: int, n_layers: int | None = None):
-        super().__init__(cfg, dim_media, cfg.depth if n_layers is None else n_layers)
+    def __init__(self, cfg: ResamplerConfig, dim_media: int, n_layers: int | None = None, n_tokens: int | None = None):
+        super().__init__(cfg, dim_media, cfg.depth if n_layers is None else n_layers, n_tokens)
         dim = self.dim
         self.latents = nn.Parameter(torch.randn(cfg.n_latents, dim))  # (n_latents, D)
         self.layers = nn.ModuleList(
@@ -138,8 +152,8 @@ class PerceiverResampler(Resampler):
 class MLPResampler(Resampler):
     """Table 3 (vi) 'MLP': project, residual feed-forward layers per visual token, pool to n_latents."""
 
-    def __init__(self, cfg: ResamplerConfig, dim_media: int, n_layers: int):
-        super().__init__(cfg, dim_media, n_layers)
+    def __init__(self, cfg: ResamplerConfig, dim_media: int, n_layers: int, n_tokens: int | None = None):
+        super().__init__(cfg, dim_media, n_layers, n_tokens)
         self.proj = nn.Sequential(nn.LayerNorm(dim_media), nn.Linear(dim_media, self.dim, bias=False))
         self.layers = nn.ModuleList(feed_forward(self.dim, cfg.ff_mult) for _ in range(n_layers))
 
@@ -154,8 +168,8 @@ class MLPResampler(Resampler):
 class TransformerResampler(Resampler):
     """Table 3 (vi) 'Transformer': a vanilla Transformer over all visual tokens, pooled to n_latents."""
 
-    def __init__(self, cfg: ResamplerConfig, dim_media: int, n_layers: int):
-        super().__init__(cfg, dim_media, n_layers)
+    def __init__(self, cfg: ResamplerConfig, dim_media: int, n_layers: int, n_tokens: int | None = None):
+        super().__init__(cfg, dim_media, n_layers, n_tokens)
         dim = self.dim
         self.proj = nn.Sequential(nn.LayerNorm(dim_media), nn.Linear(dim_media, dim, bias=False))
         self.layers = nn.ModuleList(
@@ -172,6 +186,7 @@ class TransformerResampler(Resampler):
 
 
 def _count(cls, cfg: ResamplerConfig, dim_media: int, n_layers: int) -> int:
+    cfg = dataclasses.replace(cfg, spatial_emb=False)  # the same table in every kind: not part of the budget
     with torch.device("meta"):
         return sum(p.numel() for p in cls(cfg, dim_media, n_layers).parameters())
 
@@ -189,5 +204,6 @@ def resampler_layers(cfg: ResamplerConfig, dim_media: int) -> int:
     return max(1, round((budget - base) / per_layer))
 
 
-def build_resampler(cfg: ResamplerConfig, dim_media: int) -> Resampler:
-    return RESAMPLERS.get(cfg.name)(cfg, dim_media, resampler_layers(cfg, dim_media))
+def build_resampler(cfg: ResamplerConfig, dim_media: int, n_tokens: int | None = None) -> Resampler:
+    """``n_tokens``: the vision encoder's tokens per frame (needed by ``cfg.spatial_emb``)."""
+    return RESAMPLERS.get(cfg.name)(cfg, dim_media, resampler_layers(cfg, dim_media), n_tokens)

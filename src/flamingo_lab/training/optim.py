@@ -43,7 +43,7 @@ def part_settings(optim: dict) -> dict[str, dict[str, float]]:
 
 def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
     """Biases, norms, gates, latents, time embeddings and embedding rows: never weight-decayed."""
-    return param.ndim < 2 or "embed" in name or "latents" in name or "time_emb" in name
+    return param.ndim < 2 or "embed" in name or "latents" in name or "time_emb" in name or "spatial_emb" in name
 
 
 def parameter_groups(model: torch.nn.Module, optim: dict) -> list[dict]:

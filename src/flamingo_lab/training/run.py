@@ -67,6 +67,10 @@ def _resume_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
 
 #: Settings that do not change what a run computes: a complete results.json still counts when only these differ.
 KEY_IGNORED = ("force", "resume", "logger")
+#: Settings added after runs were made, at the value that computes what those runs computed (the key did not
+#: exist then): left out of the config key at that value, so a complete run made before the setting existed
+#: still counts (as world.BACKWARD_DEFAULTS does for the world).
+KEY_BACKWARD_DEFAULTS = {"model.resampler.spatial_emb": False}
 
 
 def config_key(cfg: DictConfig) -> str:
@@ -75,6 +79,13 @@ def config_key(cfg: DictConfig) -> str:
     container = OmegaConf.to_container(cfg, resolve=True)
     for key in KEY_IGNORED:
         container.pop(key, None)
+    for dotted, value in KEY_BACKWARD_DEFAULTS.items():
+        *parents, leaf = dotted.split(".")
+        node = container
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == value and type(node[leaf]) is type(value):
+            del node[leaf]
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
