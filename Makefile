@@ -37,7 +37,7 @@ STUDY ?= multirun/table3-embedded
 
 # Main job: Flamingo's Table 3 at the embedded scale, from nothing to the rendered table. flamingo-sweep
 # writes the world if missing, builds or reuses the pretrained LM and vision encoders (data/embedded/cache),
-# trains and evaluates 19 rows x 3 seeds (2 at a time; a line per finished run), then writes table3.md/.html,
+# trains and evaluates 19 rows x 3 seeds, the baseline 5 (2 at a time; a line per finished run), then writes table3.md/.html,
 # baseline.md, the plots and runs.csv into $(STUDY); the notebook is executed on it last. Interrupted? Run it
 # again: complete runs are skipped. ARGS go to flamingo-sweep (e.g. ARGS="seeds=1").
 run: setup

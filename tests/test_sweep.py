@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from flamingo_lab.analysis import PAPER_TABLE3, ROW_ORDER
 from flamingo_lab.config import CONF_DIR, ablation_choices, compose
-from flamingo_lab.sweep import experiments, load_sweep, seeds_of, train_command
+from flamingo_lab.sweep import Sequential, experiments, load_sweep, multiruns, runs_of, seeds_of, train_command
 from flamingo_lab.training import run as run_mod
 
 BIN = Path(sys.executable).parent
@@ -156,6 +156,70 @@ def test_sweep_command_is_one_multirun_with_a_fixed_folder():
     assert seeds_of(load_sweep(SWEEP, ["seeds=[3,5]"])) == [3, 5]
     with pytest.raises(ValueError, match="no_such_row"):
         load_sweep(SWEEP, ["rows=[baseline,no_such_row]"])
+
+
+def test_row_seeds_give_the_embedded_baseline_five_seeds_in_a_second_multirun():
+    """The baseline is in every comparison, so the embedded study runs it with 5 seeds: the other rows' 3 seeds
+    as one multirun, then the baseline's seeds 3 and 4. Other scales, and a sweep given `seeds=`, run
+    `seeds` for every row."""
+    spec = load_sweep(SWEEP)
+    assert seeds_of(spec, "baseline") == [0, 1, 2, 3, 4] and seeds_of(spec, "no_m3w") == [0, 1, 2]
+    assert multiruns(spec) == [([0, 1, 2], ROW_ORDER), ([3, 4], ["baseline"])]
+    runs = runs_of(spec)
+    assert len(runs) == 19 * 3 + 2 and runs[-2:] == [("baseline", 3), ("baseline", 4)]
+    second = train_command(spec, *multiruns(spec)[1])
+    assert "seed=3,4" in second and "experiment=baseline" in second
+    assert second[4:] == train_command(spec)[4:]  # the same settings for every run
+    for args in (["scale=smoke"], ["seeds=2"], ["row_seeds={}"]):
+        one = load_sweep(SWEEP, args)
+        assert len(multiruns(one)) == 1 and seeds_of(one, "baseline") == seeds_of(one), args
+    mine = load_sweep(SWEEP, ["seeds=1", "rows=[baseline,no_m3w,no_tanh]",
+                              "row_seeds={embedded: {no_m3w: 2, no_tanh: [0, 5]}}"])
+    assert multiruns(mine) == [([0], ["baseline", "no_m3w", "no_tanh"]), ([1], ["no_m3w"]), ([5], ["no_tanh"])]
+    with pytest.raises(ValueError, match=r"row_seeds.embedded names rows \['nope'\].*valid rows: attend_all_previous"):
+        load_sweep(SWEEP, ["row_seeds.embedded.nope=2"])
+    with pytest.raises(ValueError, match="row_seeds.embedded.baseline must give at least one seed"):
+        load_sweep(SWEEP, ["row_seeds.embedded.baseline=0"])
+    with pytest.raises(ValueError, match="seeds must give at least one seed, each once"):
+        load_sweep(SWEEP, ["seeds=[1,1]"])
+
+
+def test_multiruns_run_one_after_the_other_and_report_the_first_failure(tmp_path):
+    log = tmp_path / "order.txt"
+
+    def step(name, code):
+        return [sys.executable, "-c", f"open({str(log)!r}, 'a').write({name!r}); raise SystemExit({code})"]
+
+    proc = Sequential([step("a", 0), step("b", 3), step("c", 0)], dict(os.environ))
+    assert proc.wait(timeout=60) == 3 and proc.returncode == 3
+    assert log.read_text() == "abc"  # a failed multirun does not stop the next (its runs are recorded)
+    slow = Sequential([[sys.executable, "-c", "import time; time.sleep(2)"]], dict(os.environ))
+    with pytest.raises(subprocess.TimeoutExpired):
+        slow.wait(timeout=0.05)
+    assert slow.wait(timeout=60) == 0
+
+
+def test_the_sweep_command_starts_every_multirun(tmp_path, monkeypatch, capsys):
+    import flamingo_lab.sweep as sweep_mod
+
+    started = []
+
+    class Recorder:
+        returncode = 0
+
+        def __init__(self, commands, env):
+            started.extend(commands)
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(sweep_mod, "Sequential", Recorder)
+    monkeypatch.setattr(sweep_mod, "ensure_world", lambda spec, env: None)
+    assert sweep_mod.main([str(SWEEP), f"out={tmp_path}", "render=false", "rows=[baseline,no_m3w]"]) == 1
+    assert [(c[2], c[3]) for c in started] == [("seed=0,1,2", "experiment=baseline,no_m3w"),
+                                               ("seed=3,4", "experiment=baseline")]
+    out = capsys.readouterr().out
+    assert "2 rows x 3 seeds (baseline: 5) = 8 runs" in out and "0/8 complete, 0 failed, 8 missing" in out
 
 
 @pytest.mark.parametrize("launcher", ["local", "slurm", "slurm_cpu"])

@@ -1,13 +1,14 @@
-"""`flamingo-sweep SWEEP.yaml [key=value ...]`: a study (sweeps/table3.yaml) as one Hydra multirun of
+"""`flamingo-sweep SWEEP.yaml [key=value ...]`: a study (sweeps/table3.yaml) as a Hydra multirun of
 flamingo-train, then its table and plots.
 
-    flamingo-sweep sweeps/table3.yaml                              # 19 rows x 3 seeds, scale=embedded
+    flamingo-sweep sweeps/table3.yaml                              # 19 rows x 3 seeds (baseline 5), embedded
     flamingo-sweep sweeps/table3.yaml scale=smoke seeds=1 jobs=1 threads=1
     flamingo-sweep sweeps/table3.yaml rows=[baseline,no_m3w] force=true out=multirun/mine
     flamingo-sweep sweeps/table3.yaml render=only                  # only (re)write the table and plots
 
-Arguments named like a key of the sweep file set that key; every other argument is a flamingo-train
-override given to every run. Each run lands in ``<out>/<row>/seed<k>/`` (results.json, W&B, checkpoints);
+``row_seeds`` gives some rows more (or other) seeds at a scale; the runs the other rows lack go in a
+second multirun after the first. Arguments named like a key of the sweep file set that key; every other
+argument is a flamingo-train override given to every run. Each run lands in ``<out>/<row>/seed<k>/`` (results.json, W&B, checkpoints);
 a run whose results.json is complete for the same config is skipped, a failed run is recorded there
 (``status: failed``) and the others go on (flamingo_lab.training.run). The command exits 0 when every
 run of the sweep is complete, 1 otherwise.
@@ -45,12 +46,16 @@ def experiments(overrides: Sequence[str] = ()) -> list[str]:
 
 def load_sweep(path: str | Path, args: Sequence[str] = ()) -> DictConfig:
     """The sweep file with ``key=value`` arguments applied; arguments that are not its keys are appended
-    to ``overrides`` (flamingo-train overrides for every run)."""
+    to ``overrides`` (flamingo-train overrides for every run). ``seeds=`` given without ``row_seeds`` gives
+    every row those seeds (the file's ``row_seeds`` are dropped); ``row_seeds={...}`` replaces the file's."""
     spec = OmegaConf.load(path)
     keyed, passed = [], []
     for arg in args:
         key = arg.split("=", 1)[0]
-        (keyed if "=" in arg and key in spec else passed).append(arg)
+        (keyed if "=" in arg and key.split(".")[0] in spec else passed).append(arg)
+    given = {arg.split("=", 1)[0].split(".")[0] for arg in keyed}
+    if "row_seeds" in spec and ("row_seeds" in given or "seeds" in given):
+        spec.row_seeds = {}
     spec = OmegaConf.merge(spec, OmegaConf.from_dotlist(keyed))
     spec.overrides = list(spec.get("overrides") or []) + passed
     rows = spec.rows if OmegaConf.is_list(spec.rows) else [spec.rows]
@@ -59,13 +64,67 @@ def load_sweep(path: str | Path, args: Sequence[str] = ()) -> DictConfig:
     unknown = sorted(set(spec.rows) - set(known))
     if unknown:
         raise ValueError(f"rows {unknown} have no conf/experiment/<row>.yaml; valid rows: {', '.join(known)}")
+    row_seeds = _row_seeds(spec)
+    unknown = sorted(set(row_seeds) - set(known))
+    if unknown:
+        raise ValueError(f"row_seeds.{spec.scale} names rows {unknown} that have no conf/experiment/<row>.yaml; "
+                         f"valid rows: {', '.join(known)}")
+    for row in row_seeds:
+        _seed_list(row_seeds[row], f"row_seeds.{spec.scale}.{row}")
+    _seed_list(spec.seeds, "seeds")
     return spec
 
 
-def seeds_of(spec: DictConfig) -> list[int]:
-    """``seeds: N`` -> 0..N-1; ``seeds: [..]`` -> those."""
-    seeds = spec.seeds
-    return [int(s) for s in seeds] if OmegaConf.is_list(seeds) else list(range(int(seeds)))
+def _row_seeds(spec: DictConfig) -> dict:
+    """``row_seeds`` of the sweep's scale: {row: N or [seeds]} (rows not named there run ``seeds``)."""
+    per_scale = spec.get("row_seeds") or {}
+    return dict(per_scale.get(str(spec.scale)) or {})
+
+
+def _seed_list(value, name: str = "seeds") -> list[int]:
+    """``N`` -> 0..N-1; ``[..]`` -> those."""
+    try:
+        seeds = [int(s) for s in value] if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) \
+            else list(range(int(value)))
+    except (TypeError, ValueError) as exn:
+        raise ValueError(f"{name} must be a number of seeds or a list of seeds; got {value!r}") from exn
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"{name} must give at least one seed, each once and >= 0; got {value!r}")
+    return seeds
+
+
+def seeds_of(spec: DictConfig, row: str | None = None) -> list[int]:
+    """The seeds of ``row`` (its ``row_seeds`` entry at the sweep's scale, else ``seeds``); without a row,
+    ``seeds``. ``N`` -> 0..N-1; ``[..]`` -> those."""
+    row_seeds = _row_seeds(spec)
+    if row is not None and row in row_seeds:
+        return _seed_list(row_seeds[row], f"row_seeds.{spec.scale}.{row}")
+    return _seed_list(spec.seeds)
+
+
+def runs_of(spec: DictConfig) -> list[tuple[str, int]]:
+    """Every (row, seed) of the sweep, seed by seed (a partial sweep holds every row), rows in the file's order."""
+    per_row = {row: seeds_of(spec, row) for row in spec.rows}
+    all_seeds = sorted({s for seeds in per_row.values() for s in seeds})
+    return [(row, seed) for seed in all_seeds for row in spec.rows if seed in per_row[row]]
+
+
+def multiruns(spec: DictConfig) -> list[tuple[list[int], list[str]]]:
+    """The Hydra multiruns that make :func:`runs_of`: (seeds, rows), each a product; consecutive seeds that
+    run the same rows share one. With no ``row_seeds``: one multirun of every seed and row."""
+    groups: list[tuple[list[int], list[str]]] = []
+    for row, seed in runs_of(spec):
+        if groups and groups[-1][0][-1] == seed:
+            groups[-1][1].append(row)
+        else:
+            groups.append(([seed], [row]))
+    merged: list[tuple[list[int], list[str]]] = []
+    for seeds, rows in groups:
+        if merged and merged[-1][1] == rows:
+            merged[-1][0].extend(seeds)
+        else:
+            merged.append((seeds, rows))
+    return merged
 
 
 def _value(v) -> str:
@@ -73,12 +132,15 @@ def _value(v) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def train_command(spec: DictConfig) -> list[str]:
-    """The flamingo-train multirun: seeds outermost (a partial sweep holds every row), then rows."""
+def train_command(spec: DictConfig, seeds: Sequence[int] | None = None, rows: Sequence[str] | None = None) -> list[str]:
+    """A flamingo-train multirun (by default every seed of ``seeds`` and every row): seeds outermost (a partial
+    sweep holds every row), then rows. :func:`multiruns` gives the (seeds, rows) of each when rows differ."""
+    seeds = seeds_of(spec) if seeds is None else seeds
+    rows = spec.rows if rows is None else rows
     return [
         str(BIN / "flamingo-train"), "-m",
-        "seed=" + ",".join(map(str, seeds_of(spec))),
-        "experiment=" + ",".join(spec.rows),
+        "seed=" + ",".join(map(str, seeds)),
+        "experiment=" + ",".join(rows),
         f"scale={spec.scale}",
         f"hydra/launcher={spec.launcher}",
         f"hydra.sweep.dir={spec.out}",
@@ -120,15 +182,14 @@ def ensure_world(spec: DictConfig, env: dict) -> Path:
 def run_status(spec: DictConfig) -> dict[tuple[str, int], dict]:
     """Per (row, seed) of the sweep: status (complete | failed | missing) and error."""
     out = {}
-    for seed in seeds_of(spec):
-        for row in spec.rows:
-            path = Path(spec.out) / row / f"seed{seed}" / "results.json"
-            try:
-                results = json.loads(path.read_text())
-            except (OSError, ValueError):
-                results = {"status": "missing"}
-            out[row, seed] = {"status": results.get("status", "complete"), "error": results.get("error"),
-                              "path": str(path)}
+    for row, seed in runs_of(spec):
+        path = Path(spec.out) / row / f"seed{seed}" / "results.json"
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, ValueError):
+            results = {"status": "missing"}
+        out[row, seed] = {"status": results.get("status", "complete"), "error": results.get("error"),
+                          "path": str(path)}
     return out
 
 
@@ -158,6 +219,43 @@ def runs_to_train(spec: DictConfig) -> list[tuple[str, int]]:
     return todo
 
 
+def describe_runs(spec: DictConfig) -> str:
+    """'19 rows x 3 seeds', or with ``row_seeds`` e.g. '19 rows x 3 seeds (baseline: 5)'."""
+    base = f"{len(spec.rows)} rows x {len(seeds_of(spec))} seeds"
+    other = {row: seeds_of(spec, row) for row in spec.rows if seeds_of(spec, row) != seeds_of(spec)}
+    if not other:
+        return base
+    def count(seeds: list[int]) -> str:
+        return str(len(seeds)) if seeds == list(range(len(seeds))) else str(seeds)
+
+    return base + " (" + ", ".join(f"{row}: {count(seeds)}" for row, seeds in other.items()) + ")"
+
+
+class Sequential:
+    """The multiruns, one after the other in a thread, seen as one process: ``wait(timeout)`` and
+    ``returncode`` (the first non-zero exit, else 0) as :class:`subprocess.Popen` has them."""
+
+    def __init__(self, commands: Sequence[Sequence[str]], env: dict):
+        import threading
+
+        self.returncode: int | None = None
+        self._thread = threading.Thread(target=self._run, args=(list(commands), env), daemon=True)
+        self._thread.start()
+
+    def _run(self, commands, env) -> None:
+        code = 0
+        for command in commands:
+            rc = subprocess.run(command, env=env).returncode
+            code = code or rc
+        self.returncode = code
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise subprocess.TimeoutExpired("flamingo-train -m", timeout)
+        return self.returncode
+
+
 def _clock(seconds: float) -> str:
     minutes = int(seconds // 60)
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min {int(seconds % 60):02d} s"
@@ -168,7 +266,7 @@ def report_progress(spec: DictConfig, proc: subprocess.Popen, started: float, ev
     """While the multirun runs: a line each time runs finish (complete or failed), with the elapsed time
     and an estimate of what is left. Runs already complete for the config the sweep gives them are skipped
     and not counted; a run complete for an older config is counted, as it trains again."""
-    total = len(spec.rows) * len(seeds_of(spec))
+    total = len(runs_of(spec))
     wall_start = time.time()
 
     def finished(since: float) -> int:
@@ -237,20 +335,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if spec.threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(int(spec.threads))
-    seeds = seeds_of(spec)
-    n = len(spec.rows) * len(seeds)
-    print(f"[flamingo-sweep] {spec.name}: {len(spec.rows)} rows x {len(seeds)} seeds = {n} runs, "
+    n = len(runs_of(spec))
+    print(f"[flamingo-sweep] {spec.name}: {describe_runs(spec)} = {n} runs, "
           f"scale={spec.scale}, launcher={spec.launcher} -> {spec.out}", flush=True)
 
     if str(spec.render) != "only":
         ensure_world(spec, env)
-        command = train_command(spec)
-        print("[flamingo-sweep] " + " ".join(f"'{c}'" if "$" in c or " " in c else c for c in command), flush=True)
+        commands = [train_command(spec, seeds, rows) for seeds, rows in multiruns(spec)]
+        for command in commands:
+            print("[flamingo-sweep] " + " ".join(f"'{c}'" if "$" in c or " " in c else c for c in command), flush=True)
         started = time.perf_counter()
-        proc = subprocess.Popen(command, env=env)
+        proc = Sequential(commands, env)
         report_progress(spec, proc, started)
-        print(f"[flamingo-sweep] multirun exited {proc.returncode} after {time.perf_counter() - started:.0f} s",
-              flush=True)
+        print(f"[flamingo-sweep] multirun{'s' if len(commands) > 1 else ''} exited {proc.returncode} after "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
 
     status = run_status(spec)
     counts = {s: sum(v["status"] == s for v in status.values()) for s in ("complete", "failed", "missing")}
