@@ -406,6 +406,34 @@ def test_breakdown_per_question_type_and_held_out_with_majority_and_chance():
     assert out["qtype=colour"]["chance"] == pytest.approx(50.0)  # "red" 2/3 or "blue" 1/3, either at random
     assert out["qtype=count"] == {"n": 1, "score": 0.0, "majority": 100.0, "chance": 100.0}
     assert out["held_out=True"]["score"] == pytest.approx(50.0) and out["held_out=False"]["n"] == 2
+    assert not any(k.startswith("objects=") for k in out)  # items without a scene: no such groups
+
+
+def test_breakdown_by_objects_in_the_scene_per_question_type():
+    """Where a question type's scenes hold different numbers of objects, its score per number: finding the
+    named object among several (binding) is told from reading one object's attribute."""
+    from flamingo_lab.eval.harness import breakdown
+    from flamingo_lab.eval.tasks import Item, Task
+
+    def item(i, answer, qtype, n):
+        return Item(id=str(i), images=[], question="q", answers=[answer],
+                    meta={"qtype": qtype, "held_out": False, "scene": {"objects": [{"cell": c} for c in range(n)]}})
+
+    task = Task(name="t", kind="vqa", metric="top1", support=[], test=["unused.tar"])
+    items = [item(0, "top left", "position", 1), item(1, "top right", "position", 1),
+             item(2, "top left", "position", 3), item(3, "bottom left", "position", 2),
+             item(4, "red", "colour", 1), item(5, "blue", "colour", 1)]
+    preds = ["top left", "top right", "bottom left", "top left", "red", "red"]
+    out = breakdown(task, items, preds)
+    assert out["objects=position, 1 object"]["score"] == 100.0 and out["objects=position, 1 object"]["n"] == 2
+    assert out["objects=position, 2 objects"]["score"] == 0.0 and out["objects=position, 3 objects"]["score"] == 0.0
+    assert out["qtype=position"]["score"] == 50.0
+    assert not any(k.startswith("objects=colour") for k in out)  # every colour scene has one object: no split
+    captions = Task(name="c", kind="caption", metric="cider", support=[], test=["unused.tar"])
+    assert not any(k.startswith("objects=") for k in breakdown(captions, [
+        Item(id="0", images=[], captions=["a red circle."], meta={"qtype": "caption", "scene": {"objects": [{}]}}),
+        Item(id="1", images=[], captions=["two shapes."], meta={"qtype": "caption", "scene": {"objects": [{}, {}]}}),
+    ], ["a red circle.", "two shapes."]))
 
 
 def test_in_context_breakdown_separates_binding_from_repeating_a_shown_answer():

@@ -109,16 +109,36 @@ def _score(task: Task, items: list[Item], preds: list[str]) -> float:
     return M.top1_score(preds, [it.answers[0] for it in items])
 
 
-def breakdown(task: Task, items: list[Item], preds: list[str], keys=("qtype", "held_out")) -> dict:
+def _objects_group(item: Item) -> str | None:
+    """``"<qtype>, <n> objects"`` from the item's scene metadata (the world's tasks carry it), else None."""
+    scene, qtype = item.meta.get("scene"), item.meta.get("qtype")
+    objects = scene.get("objects") if isinstance(scene, Mapping) else None
+    if qtype is None or not isinstance(objects, list) or not objects:
+        return None
+    return f"{qtype}, {len(objects)} object{'s' if len(objects) > 1 else ''}"
+
+
+def breakdown(task: Task, items: list[Item], preds: list[str], keys=("qtype", "held_out", "objects")) -> dict:
     """The task's metric per value of each item field in ``keys`` (e.g. per question type, and on
     held-out attribute combinations vs seen ones), with the item count, the majority-answer baseline and
     chance (the mean score of always giving one of the group's answers, over its distinct answers: a
-    uniform guess among them)."""
+    uniform guess among them). ``objects`` groups each question type by the number of objects in its scene
+    (where items carry their scene and a type's scenes differ in it): a question about one object of several
+    needs the model to find that object first, so this tells binding from reading an attribute."""
     out: dict[str, dict] = {}
     for key in keys:
-        values = sorted({str(it.meta[key]) for it in items if key in it.meta})
-        for value in values:
-            idx = [i for i, it in enumerate(items) if str(it.meta.get(key)) == value]
+        if key == "objects":
+            if task.metric == "cider":
+                continue
+            values_of = {i: _objects_group(it) for i, it in enumerate(items)}
+            counts: dict[str, set] = {}
+            for v in filter(None, values_of.values()):
+                counts.setdefault(v.split(", ")[0], set()).add(v)
+            values_of = {i: v for i, v in values_of.items() if v and len(counts[v.split(", ")[0]]) > 1}
+        else:
+            values_of = {i: str(it.meta[key]) for i, it in enumerate(items) if key in it.meta}
+        for value in sorted(set(values_of.values())):
+            idx = [i for i, v in values_of.items() if v == value]
             sub_items, sub_preds = [items[i] for i in idx], [preds[i] for i in idx]
             entry = {"n": len(idx), "score": _score(task, sub_items, sub_preds)}
             if task.metric != "cider":  # what always giving the most common answer of this group scores
