@@ -193,10 +193,11 @@ def test_multiruns_run_one_after_the_other_and_report_the_first_failure(tmp_path
     proc = Sequential([step("a", 0), step("b", 3), step("c", 0)], dict(os.environ))
     assert proc.wait(timeout=60) == 3 and proc.returncode == 3
     assert log.read_text() == "abc"  # a failed multirun does not stop the next (its runs are recorded)
-    slow = Sequential([[sys.executable, "-c", "import time; time.sleep(2)"]], dict(os.environ))
+    slow = Sequential([[sys.executable, "-c", "import time; time.sleep(2)"], step("d", 0)], dict(os.environ))
     with pytest.raises(subprocess.TimeoutExpired):
         slow.wait(timeout=0.05)
-    assert slow.wait(timeout=60) == 0
+    slow.stop()  # the sweep interrupted: the running multirun ends, no further one starts
+    assert slow.wait(timeout=60) == 130 and log.read_text() == "abc"
 
 
 def test_the_sweep_command_starts_every_multirun(tmp_path, monkeypatch, capsys):
@@ -220,6 +221,17 @@ def test_the_sweep_command_starts_every_multirun(tmp_path, monkeypatch, capsys):
                                                ("seed=3,4", "experiment=baseline")]
     out = capsys.readouterr().out
     assert "2 rows x 3 seeds (baseline: 5) = 8 runs" in out and "0/8 complete, 0 failed, 8 missing" in out
+
+    stopped = []
+    Recorder.stop = lambda self: stopped.append(True)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_mod, "report_progress", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep_mod.main([str(SWEEP), f"out={tmp_path}", "render=false", "rows=[baseline]"])
+    assert stopped == [True]  # Ctrl-C: the multiruns not yet started never start
 
 
 @pytest.mark.parametrize("launcher", ["local", "slurm", "slurm_cpu"])
@@ -456,6 +468,9 @@ def test_progress_lines_count_finished_runs_and_estimate_from_the_rate_after_the
     monkeypatch.setattr(sweep_mod, "run_status", fake_status)
     real_todo = sweep_mod.runs_to_train(spec)
     assert sorted(real_todo) == sorted(finishing)
+    spec.force = True  # force=true: every run trains again
+    assert sorted(sweep_mod.runs_to_train(spec)) == sorted(paths)
+    spec.force = False
 
     class FakeProc:
         def wait(self, timeout=None):

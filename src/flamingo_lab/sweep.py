@@ -202,13 +202,14 @@ def job_overrides(spec: DictConfig, row: str, seed: int) -> list[str]:
 
 def runs_to_train(spec: DictConfig) -> list[tuple[str, int]]:
     """The (row, seed) runs the multirun will train: those without a results.json that is complete for the
-    config the sweep gives them now (a run complete for an older config is trained again)."""
+    config the sweep gives them now (a run complete for an older config is trained again); with ``force``,
+    every run."""
     from flamingo_lab.config import compose
     from flamingo_lab.training.run import completed, config_key
 
     todo = []
     for (row, seed), v in run_status(spec).items():
-        if v["status"] == "complete":
+        if v["status"] == "complete" and not spec.get("force"):
             try:
                 key = config_key(compose(job_overrides(spec, row, seed)))
             except Exception:  # noqa: BLE001 -- a config that does not compose fails in its run, which is to do
@@ -233,21 +234,30 @@ def describe_runs(spec: DictConfig) -> str:
 
 class Sequential:
     """The multiruns, one after the other in a thread, seen as one process: ``wait(timeout)`` and
-    ``returncode`` (the first non-zero exit, else 0) as :class:`subprocess.Popen` has them."""
+    ``returncode`` (the first non-zero exit, else 0) as :class:`subprocess.Popen` has them. A multirun that
+    fails does not stop the next (its runs are recorded as failed); :meth:`stop` (the sweep interrupted)
+    starts no further one."""
 
     def __init__(self, commands: Sequence[Sequence[str]], env: dict):
         import threading
 
         self.returncode: int | None = None
+        self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(list(commands), env), daemon=True)
         self._thread.start()
 
     def _run(self, commands, env) -> None:
         code = 0
         for command in commands:
+            if self._stopped.is_set():
+                code = code or 130
+                break
             rc = subprocess.run(command, env=env).returncode
             code = code or rc
         self.returncode = code
+
+    def stop(self) -> None:
+        self._stopped.set()
 
     def wait(self, timeout: float | None = None) -> int:
         self._thread.join(timeout)
@@ -346,7 +356,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("[flamingo-sweep] " + " ".join(f"'{c}'" if "$" in c or " " in c else c for c in command), flush=True)
         started = time.perf_counter()
         proc = Sequential(commands, env)
-        report_progress(spec, proc, started)
+        try:
+            report_progress(spec, proc, started)
+        except KeyboardInterrupt:  # the running multirun gets the signal too; start no further one
+            proc.stop()
+            raise
         print(f"[flamingo-sweep] multirun{'s' if len(commands) > 1 else ''} exited {proc.returncode} after "
               f"{time.perf_counter() - started:.0f} s", flush=True)
 
