@@ -171,6 +171,33 @@ def test_a_world_written_before_a_key_existed_stays_current(tiny_world_dir, tmp_
         assert make_video_pair(cfg, "train", i)["json"]["scene"] == before.meta()
 
 
+def test_position_words_column_first_name_every_cell_column_first():
+    """world.position_words=column_first: questions, their alternatives, captions, pages, implicit items, clip
+    events and the text control's words all say "left top", never "top left"; the default world is unchanged."""
+    from flamingo_lab.data.world import POSITION_WORDS, _alternatives, implicit_answer, implicit_scene, scene_text
+
+    cfg, plain = _cfg(position_words="column_first"), _cfg()
+    new, old = POSITION_WORDS["column_first"], CELL_NAMES
+    assert cfg.cell_names() == new and plain.cell_names() == old and _alternatives(cfg, "position") == list(new)
+    texts = []
+    for i in range(80):
+        for task in ("vqav2", "implicit_question", "vatex", "coco"):
+            meta = make_task_sample(cfg, task, "test", i)["json"]
+            if meta["qtype"] == "position":
+                assert meta["answers"][0] in new
+            texts += [*meta["answers"], *meta["captions"], scene_text(meta["scene"])]
+        texts += [make_doc_sample(cfg, "train", i)["txt"] if "txt" in make_doc_sample(cfg, "train", i) else
+                  json.dumps(make_doc_sample(cfg, "train", i)["json"]), make_pair(cfg, "train", i)["txt"],
+                  make_video_pair(cfg, "train", i)["txt"], corpus_paragraph(cfg, "train", i)]
+    assert not [t for t in texts if any(name in t for name in old)]
+    assert sum(t.count(name) for t in texts for name in new) > 50
+    scene = implicit_scene(__import__("random").Random(0), cfg, "position", "right bottom")
+    assert implicit_answer(scene, "position") == "right bottom" and scene.meta()["cell_names"] == list(new)
+    assert "cell_names" not in make_task_sample(plain, "vqav2", "test", 0)["json"]["scene"]  # default: as before
+    with pytest.raises(ValueError, match=r"world.position_words must be one of \['column_first', 'row_first'\]"):
+        _cfg(position_words="diagonal")
+
+
 def test_answers_are_balanced_per_question_type():
     cfg = _cfg()
     for task in ("vqav2", "okvqa", "msvdqa", "renamed_colours"):

@@ -60,7 +60,8 @@ WORLD_FORMAT = "flamingo-lab-world/6"
 #: Keys added to WorldConfig after worlds of this format were written, each with the value that writes the
 #: same world as before it existed: a world.json without one reads as that value (load_world), and at that
 #: value it is no part of a world's identity (pretrain.cache.world_fingerprint), so cached stages stay valid.
-BACKWARD_DEFAULTS = {"game_bare": 0.0, "game_words": 0.0, "game_cues": 0.0, "vtp_moves": 0.25}
+BACKWARD_DEFAULTS = {"game_bare": 0.0, "game_words": 0.0, "game_cues": 0.0, "vtp_moves": 0.25,
+                     "position_words": "row_first"}
 MANIFEST = "world.json"
 SPLITS = ("train", "val")
 SOURCES = ("m3w", "ltip", "align", "laion", "vtp")
@@ -136,6 +137,8 @@ SIZES: dict[str, float] = {"small": 0.6, "big": 0.9}  # object radius as a fract
 # (small was 0.45: ~7 px across at 32 px, and the pretrained encoder named held-out small shapes 62% right)
 
 CELL_NAMES = ("top left", "top right", "bottom left", "bottom right")  # 2x2 grid, reading order
+#: world.position_words: the words for the cells, in reading order (README, Position)
+POSITION_WORDS = {"row_first": CELL_NAMES, "column_first": ("left top", "right top", "left bottom", "right bottom")}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
                 "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
                 "eighteen", "nineteen", "twenty")
@@ -246,8 +249,16 @@ class WorldConfig:
     # it? Answer: dax", each colour its own cue word for the whole game): the LM learns to bind on any token,
     # not only on a colour word (README, in-context task)
     game_cues: float = 0.0
+    # The cells' words: "top left" (row_first) or "left top" (column_first). With the row first the baseline
+    # learns the row late (the answer's first word); with the column first, both by step 400 (README, Position).
+    position_words: str = "row_first"
+
+    def cell_names(self) -> tuple[str, ...]:
+        return POSITION_WORDS[self.position_words]
 
     def __post_init__(self):
+        if self.position_words not in POSITION_WORDS:
+            raise ValueError(f"world.position_words must be one of {sorted(POSITION_WORDS)}; got {self.position_words!r}")
         self.shapes, self.colours, self.sizes = list(self.shapes), list(self.colours), list(self.sizes)
         self.backgrounds = list(self.backgrounds)
         self.held_out = [list(p) for p in self.held_out]
@@ -353,15 +364,19 @@ class Scene:
     background: tuple[int, int, int]
     jitter: list[tuple[float, float]]  # per object, offset from the cell centre in cell fractions
     background_name: str = "grey"
+    cell_names: tuple[str, ...] = CELL_NAMES  # the world's words for the cells (world.position_words)
 
     def meta(self) -> dict:
         """Ground truth per object (colour, shape, size, cell) for analysis and encoder pretraining."""
-        return {
-            "objects": [{**asdict(o), "position": CELL_NAMES[o.cell]} for o in self.objects],
+        out = {
+            "objects": [{**asdict(o), "position": self.cell_names[o.cell]} for o in self.objects],
             "n_objects": len(self.objects),
             "background": list(self.background),
             "background_name": self.background_name,
         }
+        if tuple(self.cell_names) != CELL_NAMES:  # (a world of the default words writes what it wrote before)
+            out["cell_names"] = list(self.cell_names)
+        return out
 
 
 def _attrs(rng: random.Random, cfg: WorldConfig, held: bool, *, colour=None, shape=None,
@@ -404,7 +419,7 @@ def sample_scene(rng: random.Random, cfg: WorldConfig, *, n: int | None = None, 
     background = tuple(max(0, v + rng.randint(-j, j)) for v in BACKGROUNDS[bg_name])
     jitter = [(0.0, 0.0) if o.size == "big" else (rng.uniform(-0.2, 0.2), rng.uniform(-0.2, 0.2)) for o in objects]
     order = sorted(range(n), key=lambda i: objects[i].cell)  # reading order, as descriptions name them
-    return Scene([objects[i] for i in order], background, [jitter[i] for i in order], bg_name)
+    return Scene([objects[i] for i in order], background, [jitter[i] for i in order], bg_name, cfg.cell_names())
 
 
 def _cell_centre(cell: int, jx: float = 0.0, jy: float = 0.0) -> tuple[float, float]:
@@ -452,10 +467,10 @@ def describe(scene: Scene) -> str:
     """One sentence (no final full stop) naming every object and where it stands."""
     objs = scene.objects
     if len(objs) == 1:
-        return f"{objs[0].phrase()} in the {CELL_NAMES[objs[0].cell]}"
+        return f"{objs[0].phrase()} in the {scene.cell_names[objs[0].cell]}"
     if len(objs) == 2:
         return f"{objs[0].phrase()} {_relation(objs[0], objs[1])} {objs[1].phrase()}"
-    parts = [f"{o.phrase()} in the {CELL_NAMES[o.cell]}" for o in objs]
+    parts = [f"{o.phrase()} in the {scene.cell_names[o.cell]}" for o in objs]
     return f"{NUMBER_WORDS[len(objs)]} shapes: " + ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -471,7 +486,8 @@ def scene_text(meta: Mapping[str, Any]) -> str:
         objects = [Obj(o["shape"], o["colour"], o["size"], int(o["cell"])) for o in meta["objects"]]
     except (KeyError, TypeError) as exn:
         raise ValueError(f"scene metadata without objects (shape, colour, size, cell): {meta!r}") from exn
-    scene = Scene(objects, tuple(meta.get("background", (0, 0, 0))), [(0.0, 0.0)] * len(objects))
+    scene = Scene(objects, tuple(meta.get("background", (0, 0, 0))), [(0.0, 0.0)] * len(objects),
+                  cell_names=tuple(meta.get("cell_names") or CELL_NAMES))
     if "event" in meta:
         return clip_caption(Clip(scene, int(meta["actor"]), meta["event"], meta["detail"]))
     return caption(scene)
@@ -518,7 +534,7 @@ def make_question(rng: random.Random, cfg: WorldConfig, qtype: str, held: bool) 
         cell = rng.randrange(4)
         scene = sample_scene(rng, cfg, target={"cell": cell}, held=held)
         o = next(o for o in scene.objects if o.cell == cell)
-        return scene, f"where is the {o.colour} {o.shape}?", CELL_NAMES[cell]
+        return scene, f"where is the {o.colour} {o.shape}?", scene.cell_names[cell]
     if qtype == "fruit":  # OKVQA-like: the colour must be seen, the fruit recalled from text
         colour = rng.choice(cfg.colours)
         scene = sample_scene(rng, cfg, target={"colour": colour}, held=held, distinct="shape")
@@ -544,13 +560,13 @@ def implicit_scene(rng: random.Random, cfg: WorldConfig, qtype: str, answer: str
     if qtype == "shape":
         return sample_scene(rng, cfg, n=1, target={"shape": answer}, held=held)
     if qtype == "position":
-        return sample_scene(rng, cfg, n=1, target={"cell": CELL_NAMES.index(answer)}, held=held)
+        return sample_scene(rng, cfg, n=1, target={"cell": cfg.cell_names().index(answer)}, held=held)
     raise ValueError(f"unknown implicit question type {qtype!r}; valid: {IMPLICIT_TYPES}")
 
 
 def implicit_answer(scene: Scene, qtype: str) -> str:
     o = scene.objects[0]
-    return {"colour": o.colour, "shape": o.shape, "position": CELL_NAMES[o.cell]}[qtype]
+    return {"colour": o.colour, "shape": o.shape, "position": scene.cell_names[o.cell]}[qtype]
 
 
 def _first(scene: Scene, **attrs) -> Obj:
@@ -559,7 +575,7 @@ def _first(scene: Scene, **attrs) -> Obj:
 
 def _alternatives(cfg: WorldConfig, qtype: str) -> list[str]:
     return {
-        "colour": cfg.colours, "shape": cfg.shapes, "position": list(CELL_NAMES),
+        "colour": cfg.colours, "shape": cfg.shapes, "position": list(cfg.cell_names()),
         "count": list(NUMBER_WORDS[cfg.min_objects: cfg.max_objects + 1]),
         "fruit": [FRUITS[c] for c in cfg.colours], "thing": [THINGS[s] for s in cfg.shapes],
     }[qtype]
@@ -613,7 +629,7 @@ def sample_clip(rng: random.Random, cfg: WorldConfig, *, held: bool = False, eve
         detail = rng.choice([c for c in cfg.colours if c != o.colour and not cfg.is_held_out(c, o.shape)] or
                             [c for c in cfg.colours if c != o.colour])
     if event in ("appears", "disappears"):
-        detail = CELL_NAMES[scene.objects[actor].cell]
+        detail = scene.cell_names[scene.objects[actor].cell]
     scene.jitter = [(0.0, 0.0)] * len(scene.objects)
     return Clip(scene, actor, event, detail)
 

@@ -262,11 +262,10 @@ def single_objects(world_cfg, n: int, held: bool, seed: int) -> tuple[torch.Tens
 @torch.no_grad()
 def zero_shot(model: ImageText, tokenizer, world_cfg, images: torch.Tensor, objects: list[dict], text_len: int) -> dict:
     """Name each single object's colour and shape through the text tower: argmax over every colour x shape."""
-    from flamingo_lab.data.world import CELL_NAMES
 
     classes = [(c, s) for c in world_cfg.colours for s in world_cfg.shapes]
     prompts = [p.format(colour=c, shape=s, size=z, cell=cell) for c, s in classes for p in PROMPTS
-               for z in world_cfg.sizes for cell in CELL_NAMES]
+               for z in world_cfg.sizes for cell in world_cfg.cell_names()]
     per_class = len(prompts) // len(classes)
     ids, mask = encode_texts(tokenizer, prompts, text_len)
     txt = model.text(ids, mask).view(len(classes), per_class, -1).mean(1)  # (classes, E)
