@@ -290,6 +290,65 @@ def test_a_setting_added_later_keeps_older_runs_keys(small_cfg):
     assert run_mod.config_key(small_cfg) != key
 
 
+def _write_manifest(root: Path, **manifest) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "world.json").write_text(json.dumps(manifest))
+
+
+def test_a_world_rewritten_with_other_settings_trains_its_runs_again(small_cfg, tmp_path):
+    """The train config names its data only by folder: the config key holds the world's fingerprint, so runs
+    made on a world that flamingo-data has since rewritten with other settings do not count as done."""
+    from dataclasses import asdict
+
+    from flamingo_lab.data.world import WORLD_FORMAT
+    from flamingo_lab.make_data import compose_world
+
+    small_cfg.data.root = str(tmp_path / "world")
+    nothing = run_mod.config_key(small_cfg)  # no world yet: a key all the same
+    world = asdict(compose_world("tiny"))
+    _write_manifest(tmp_path / "world", format=WORLD_FORMAT, config=world, elapsed_s=1.0)
+    key = run_mod.config_key(small_cfg)
+    assert key != nothing
+    _write_manifest(tmp_path / "world", format=WORLD_FORMAT, config=world, elapsed_s=2.0)  # the same world again
+    assert run_mod.config_key(small_cfg) == key
+    older = {k: v for k, v in world.items() if k != "vtp_moves"}  # written before the setting existed
+    _write_manifest(tmp_path / "world", format=WORLD_FORMAT, config=older)
+    assert world["vtp_moves"] == 0.25 and run_mod.config_key(small_cfg) == key
+    other = {"row_first": "column_first", "column_first": "row_first"}[world["position_words"]]
+    _write_manifest(tmp_path / "world", format=WORLD_FORMAT, config={**world, "position_words": other})
+    assert run_mod.config_key(small_cfg) != key
+
+    tasks = {"coco": {"kind": "caption", "splits": {"test": ["coco-test-000000.tar"]}, "counts": {"test": 5}}}
+    _write_manifest(tmp_path / "world", format="flamingo-lab-tasks/1", tasks=tasks, elapsed_s=1.0)  # imported
+    imported = run_mod.config_key(small_cfg)
+    _write_manifest(tmp_path / "world", format="flamingo-lab-tasks/1", tasks=tasks, elapsed_s=9.0)
+    assert run_mod.config_key(small_cfg) == imported
+    tasks["coco"]["counts"]["test"] = 6
+    _write_manifest(tmp_path / "world", format="flamingo-lab-tasks/1", tasks=tasks)
+    assert run_mod.config_key(small_cfg) != imported
+
+
+def test_the_sweep_refuses_a_world_written_with_other_settings_than_its_own(tmp_path):
+    from dataclasses import asdict
+
+    from flamingo_lab.data.world import WORLD_FORMAT
+    from flamingo_lab.make_data import compose_world
+    from flamingo_lab.sweep import check_world
+
+    world = asdict(compose_world("tiny"))
+    _write_manifest(tmp_path, format=WORLD_FORMAT, config=world)
+    check_world(tmp_path, "tiny")  # the sweep's own world
+    mine = world["position_words"]
+    other = {"row_first": "column_first", "column_first": "row_first"}[mine]
+    _write_manifest(tmp_path, format=WORLD_FORMAT, config={**world, "position_words": other, "seed": world["seed"] + 5})
+    with pytest.raises(ValueError, match=rf"other settings than the sweep's world 'tiny' \(conf/world/tiny.yaml\): "
+                       rf"position_words: '{other}' there, '{mine}' in the config; seed: {world['seed'] + 5} there, "
+                       rf"{world['seed']} in the config\. Rewrite it with `flamingo-data world=tiny out_dir="):
+        check_world(tmp_path, "tiny")
+    _write_manifest(tmp_path, format="flamingo-lab-tasks/1", tasks={})  # imported data: used as it is
+    check_world(tmp_path, "tiny")
+
+
 def test_failure_is_recorded_then_raised_or_caught(small_cfg, tmp_path, monkeypatch):
     def boom(cfg, run_dir):
         raise RuntimeError("boom inside training")

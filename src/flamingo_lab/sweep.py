@@ -161,14 +161,40 @@ def _job_overrides(spec: DictConfig) -> list[str]:
     return [f"scale={spec.scale}", *extra]
 
 
+def check_world(root: Path, world: str) -> None:
+    """Raise if ``root`` holds a world written with other settings than ``conf/world/<world>.yaml`` (the
+    sweep would train on data it does not name). Imported data (a manifest without a world config) passes."""
+    from dataclasses import asdict
+
+    from flamingo_lab.make_data import compose_world, existing_config
+
+    have = existing_config(root)
+    if have is None:
+        return
+    want = asdict(compose_world(world))
+    differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} in the config" for k in differ[:4])
+        more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+        raise ValueError(
+            f"data.root={root} holds a world written with other settings than the sweep's world {world!r} "
+            f"(conf/world/{world}.yaml): {shown}{more}. Rewrite it with `flamingo-data world={world} "
+            f"out_dir={root}`, or move it away (the runs made on it are then retrained), or give the sweep "
+            "data.root=<another folder>"
+        )
+
+
 def ensure_world(spec: DictConfig, env: dict) -> Path:
-    """The runs' data.root; writes it with flamingo-data (``worlds[scale]``) when it has no world.json."""
+    """The runs' data.root; writes it with flamingo-data (``worlds[scale]``) when it has no world.json, and
+    refuses (:func:`check_world`) one written with other settings than ``worlds[scale]``."""
     from flamingo_lab.config import compose
 
     root = Path(compose(_job_overrides(spec)).data.root)
-    if (root / "world.json").is_file():
-        return root
     world = (spec.get("worlds") or {}).get(str(spec.scale))
+    if (root / "world.json").is_file():
+        if world is not None:
+            check_world(root, str(world))
+        return root
     if world is None:
         raise FileNotFoundError(
             f"no world at data.root={root} (world.json missing) and the sweep names none to write for "

@@ -73,12 +73,36 @@ KEY_IGNORED = ("force", "resume", "logger")
 KEY_BACKWARD_DEFAULTS = {"model.resampler.spatial_emb": False}
 
 
+def data_fingerprint(root: str | Path) -> str | None:
+    """The identity of the data at ``root``: a world's :func:`~flamingo_lab.pretrain.cache.world_fingerprint`
+    (its generating config and format), or for a ``flamingo-import`` folder a hash of its tasks (their
+    kinds, metrics, shards and counts); None where ``root`` holds no finished manifest yet.
+
+    The train config names the data only by its folder: a world rewritten in place with other settings
+    (``flamingo-data world.position_words=...``) must not let the runs made on the old one count as done.
+    """
+    from flamingo_lab.pretrain.cache import world_fingerprint
+
+    path = Path(root) / "world.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if "config" in manifest:
+        return world_fingerprint(manifest)
+    blob = {"format": manifest.get("format"), "tasks": manifest.get("tasks")}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def config_key(cfg: DictConfig) -> str:
     """Hash of the resolved config less :data:`KEY_IGNORED`, taken before the pretraining stages fill in
-    their paths: a run is skipped only when its results.json was written for the same key."""
+    their paths, and of the data at ``data.root`` (:func:`data_fingerprint`): a run is skipped only when its
+    results.json was written for the same key."""
     container = OmegaConf.to_container(cfg, resolve=True)
     for key in KEY_IGNORED:
         container.pop(key, None)
+    root = (container.get("data") or {}).get("root")
+    container["data_fingerprint"] = data_fingerprint(root) if root else None
     for dotted, value in KEY_BACKWARD_DEFAULTS.items():
         *parents, leaf = dotted.split(".")
         node = container
