@@ -345,8 +345,38 @@ def test_the_sweep_refuses_a_world_written_with_other_settings_than_its_own(tmp_
                        rf"position_words: '{other}' there, '{mine}' in the config; seed: {world['seed'] + 5} there, "
                        rf"{world['seed']} in the config\. Rewrite it with `flamingo-data world=tiny out_dir="):
         check_world(tmp_path, "tiny")
+    with pytest.raises(ValueError, match=r"\(the runs made on the old world then train again\), or train on it as "
+                       r"it is with `worlds.smoke=null`"):
+        check_world(tmp_path, "tiny", "smoke")
+    _write_manifest(tmp_path, format="flamingo-lab-world/1", config=world)
+    with pytest.raises(ValueError, match=r"holds a world this version cannot read \(format 'flamingo-lab-world/1'\)"):
+        check_world(tmp_path, "tiny")
+    (tmp_path / "world.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"holds no world manifest \(a JSON list\): rewrite it with `flamingo-data"):
+        check_world(tmp_path, "tiny")
+    assert run_mod.data_fingerprint(tmp_path)  # a key all the same (the run then fails reading it)
+    (tmp_path / "world.json").write_text("{")
+    with pytest.raises(ValueError, match=r"world.json is not valid JSON"):
+        check_world(tmp_path, "tiny")
     _write_manifest(tmp_path, format="flamingo-lab-tasks/1", tasks={})  # imported data: used as it is
     check_world(tmp_path, "tiny")
+
+
+def test_the_sweep_checks_its_default_data_root_and_trains_on_a_named_one_as_it_is(tmp_path, monkeypatch):
+    from dataclasses import asdict
+
+    from flamingo_lab.data.world import WORLD_FORMAT
+    from flamingo_lab.make_data import compose_world
+    from flamingo_lab.sweep import ensure_world
+
+    monkeypatch.chdir(tmp_path)  # the smoke scale's data.root, data/tiny, is relative
+    world = asdict(compose_world("tiny"))
+    _write_manifest(tmp_path / "data" / "tiny", format=WORLD_FORMAT, config={**world, "seed": world["seed"] + 1})
+    with pytest.raises(ValueError, match="other settings than the sweep's world 'tiny'"):
+        ensure_world(load_sweep(SWEEP, ["scale=smoke"]), {})
+    assert ensure_world(load_sweep(SWEEP, ["scale=smoke", "worlds.smoke=null"]), {}) == Path("data/tiny")
+    named = tmp_path / "data" / "tiny"
+    assert ensure_world(load_sweep(SWEEP, ["scale=smoke", f"data.root={named}"]), {}) == named
 
 
 def test_failure_is_recorded_then_raised_or_caught(small_cfg, tmp_path, monkeypatch):

@@ -39,8 +39,8 @@ def existing_config(out_dir: Path) -> dict | None:
         from flamingo_lab.data.shards import load_world
 
         return load_world(out_dir)["config"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, ValueError):
-        return None
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, ValueError, TypeError, AttributeError):
+        return None  # (TypeError, AttributeError: a world.json that holds no manifest object)
 
 
 def run(cfg: DictConfig) -> dict | None:

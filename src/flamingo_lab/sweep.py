@@ -161,16 +161,32 @@ def _job_overrides(spec: DictConfig) -> list[str]:
     return [f"scale={spec.scale}", *extra]
 
 
-def check_world(root: Path, world: str) -> None:
+def check_world(root: Path, world: str, scale: str = "embedded") -> None:
     """Raise if ``root`` holds a world written with other settings than ``conf/world/<world>.yaml`` (the
-    sweep would train on data it does not name). Imported data (a manifest without a world config) passes."""
+    sweep would train on data it does not name), or a world.json it cannot read. Imported data (a manifest
+    without a world config) passes."""
+    import json
     from dataclasses import asdict
 
     from flamingo_lab.make_data import compose_world, existing_config
 
+    path = root / "world.json"
+    rewrite = f"`flamingo-data world={world} out_dir={root}`"
+    as_is = f"or train on it as it is with `worlds.{scale}=null` (or by naming it: data.root={root})"
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): rewrite the world with {rewrite}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} holds no world manifest (a JSON {type(manifest).__name__}): rewrite it with {rewrite}")
+    if "config" not in manifest:
+        return
     have = existing_config(root)
     if have is None:
-        return
+        raise ValueError(
+            f"data.root={root} holds a world this version cannot read (format {manifest.get('format')!r}): "
+            f"rewrite it with {rewrite}"
+        )
     want = asdict(compose_world(world))
     differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
     if differ:
@@ -178,22 +194,23 @@ def check_world(root: Path, world: str) -> None:
         more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
         raise ValueError(
             f"data.root={root} holds a world written with other settings than the sweep's world {world!r} "
-            f"(conf/world/{world}.yaml): {shown}{more}. Rewrite it with `flamingo-data world={world} "
-            f"out_dir={root}`, or move it away (the runs made on it are then retrained), or give the sweep "
-            "data.root=<another folder>"
+            f"(conf/world/{world}.yaml): {shown}{more}. Rewrite it with {rewrite} (the runs made on the old "
+            f"world then train again), {as_is}"
         )
 
 
 def ensure_world(spec: DictConfig, env: dict) -> Path:
     """The runs' data.root; writes it with flamingo-data (``worlds[scale]``) when it has no world.json, and
-    refuses (:func:`check_world`) one written with other settings than ``worlds[scale]``."""
+    refuses (:func:`check_world`) one written with other settings than ``worlds[scale]``, unless the sweep
+    was given ``data.root=`` by name."""
     from flamingo_lab.config import compose
 
     root = Path(compose(_job_overrides(spec)).data.root)
     world = (spec.get("worlds") or {}).get(str(spec.scale))
+    named = any(str(o).lstrip("+").startswith("data.root=") for o in spec.overrides)
     if (root / "world.json").is_file():
-        if world is not None:
-            check_world(root, str(world))
+        if world is not None and not named:  # a data.root given by name is trained on as it is
+            check_world(root, str(world), str(spec.scale))
         return root
     if world is None:
         raise FileNotFoundError(
