@@ -29,6 +29,7 @@ from flamingo_lab.eval import (
     top1_score,
     vqa_accuracy,
 )
+from flamingo_lab.eval import metrics as M
 from flamingo_lab.eval.harness import bucket, make_batch, tokenize_prompt
 from flamingo_lab.eval.prompts import SupportSampler
 
@@ -62,12 +63,62 @@ def test_vqa_accuracy_partial_agreement():
     assert vqa_accuracy("red", ["red"]) == 1.0  # one accepted answer: exact match
 
 
+def _official_vqa_accuracy(prediction, answers):
+    """vqaEval.py (GT-Vision-Lab/VQA) on one question: the prediction fully normalised, the humans' answers
+    only stripped of punctuation, and only when they disagree."""
+    pred = M._process_digit_article(M._process_punctuation(prediction.replace("\n", " ").replace("\t", " ").strip()))
+    gts = [M._process_punctuation(a) for a in answers] if len(set(answers)) > 1 else list(answers)
+    accs = [min(1.0, sum(g == pred for g in gts[:i] + gts[i + 1:]) / 3) for i in range(len(gts))]
+    return sum(accs) / len(accs)
+
+
+def test_vqa_accuracy_is_the_official_one_on_normalised_answers_and_an_empty_answer_scores_zero():
+    """What vqa_accuracy's docstring promises: the official scores wherever the human answers are already
+    normalised (as VQAv2's are); more lenient only on unnormalised ones; nothing said is never right."""
+    rng = random.Random(0)
+    vocab = ["yes", "no", "2", "3", "red", "t shirt", "dog", "2.5", "1000", "don't"]
+    preds = ["Yes", "no.", "two", "Three!", "T-shirt", "a dog", "2.5", "1,000", "dont", "", "the", "?", "blue"]
+    for _ in range(500):
+        answers = [rng.choice(vocab[: rng.randint(1, len(vocab))]) for _ in range(10)]
+        pred = rng.choice(preds)
+        assert vqa_accuracy(pred, answers) == pytest.approx(_official_vqa_accuracy(pred, answers)), (pred, answers)
+    # unnormalised humans (the embedded world's number words): the official script never matches them
+    assert vqa_accuracy("2", ["two"] * 10) == 1.0 and _official_vqa_accuracy("2", ["two"] * 10) == 0.0
+    # a prediction that normalises to "" scores 0 even where human answers normalise to "" as well
+    assert vqa_accuracy("", ["?"] * 4 + ["no"] * 6) == 0.0
+    assert vqa_accuracy("the", ["a"] * 4 + ["b"] * 6) == 0.0
+    assert vqa_accuracy("", ["the"]) == 0.0
+
+
+def test_scoring_no_items_is_an_error_not_a_zero():
+    """An empty test split would otherwise score 0 and pass for a model that got everything wrong."""
+    with pytest.raises(ValueError, match="no test items"):
+        M.vqa_score([], [])
+    with pytest.raises(ValueError, match="no test items"):
+        top1_score([], [])
+    with pytest.raises(ValueError, match="no test items"):
+        cider_score({}, {})
+
+
 def test_top1_roc_auc_and_overall():
     assert top1_score(["Red.", "blue", "a circle"], ["red", "green", "circle"]) == pytest.approx(200 / 3)
+    assert top1_score(["two", "a man"], ["2", "man"]) == 100.0  # the documented leniency: VQA normalisation
     assert roc_auc([1, 0, 1, 0], [0.9, 0.1, 0.8, 0.3]) == 1.0
     assert roc_auc([1, 0], [0.5, 0.5]) == 0.5
     assert roc_auc([1, 1], [0.2, 0.3]) is None
     assert overall_score({"coco": 71.65, "vqav2": 40.1}, {"coco": 143.3, "vqav2": 80.2}) == pytest.approx(50.0)
+
+
+def test_overall_without_a_reference_for_a_task_says_so(caplog):
+    """A task with no reference (None, or an oracle scoring 0) cannot enter the Overall: it is left out
+    loudly, and overall_tasks_used names the tasks the mean is over."""
+    refs = {"coco": 143.3, "vqav2": 80.2, "vatex": None, "msvdqa": 0.0}
+    with caplog.at_level("WARNING", logger="flamingo_lab.eval.metrics"):
+        value = overall_score({"coco": 71.65, "vqav2": 40.1, "vatex": 30.0, "msvdqa": 20.0}, refs)
+    assert value == pytest.approx(50.0)  # over coco and vqav2 only
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 2 and "'vatex'" in warned[0] and "'msvdqa'" in warned[1]
+    assert M.overall_tasks_used(["coco", "vqav2", "vatex", "msvdqa"], refs) == ["coco", "vqav2"]
 
 
 def test_cider_matches_pycocoevalcap():
@@ -86,6 +137,49 @@ def test_cider_matches_pycocoevalcap():
     expected, _ = Cider().compute_score(gts, res)
     assert cider_score(preds, refs) == pytest.approx(100 * expected)
     assert cider_score(preds, refs) > cider_score({k: "nothing here" for k in preds}, refs)
+
+
+def test_one_line_joins_at_every_line_break_the_java_tokenizer_splits_at():
+    """PTBTokenizer only replaces "\\n" before its Java tokenizer, which also breaks lines at these: a caption
+    holding one would shift every later caption onto another item's id (no java needed here)."""
+    from flamingo_lab.eval.metrics import one_line
+
+    for sep in ["\r", "\r\n", "\x0b", "\x0c", "\u2028", "\u2029", "\x85", "\n", "\t", "  "]:
+        assert one_line(f" a red{sep}circle{sep}") == "a red circle", repr(sep)
+
+
+def test_cider_a_line_break_in_one_caption_leaves_the_other_items_scores():
+    refs = {"1": ["a red circle", "there is a red\u2028circle"], "2": ["a blue square", "there is a blue square"],
+            "3": ["a green star", "there is a green star"]}
+    clean = {"1": "a red circle", "2": "a blue square", "3": "a green star"}
+    score, per_item = M.cider_scores(clean, refs)
+    broken_score, broken = M.cider_scores({**clean, "1": "a red\rcircle"}, refs)
+    assert broken == pytest.approx(per_item)  # every item scored against its own references
+    assert broken_score == pytest.approx(score)
+    assert score == pytest.approx(sum(per_item.values()) / 3)  # the corpus score is the items' mean
+
+
+def test_cider_groups_score_their_items_within_the_whole_test_set():
+    """A group's CIDEr is the mean of its items' CIDEr with the whole test set's IDF: a one-item group
+    scores its item (as its own corpus it would score 0), and the groups of one key average, weighted by
+    their size, to the task's score."""
+    from flamingo_lab.eval.harness import breakdown
+
+    refs = [["a red circle in the top left", "there is a red circle", "a picture of a red circle"],
+            ["two blue squares left of a green triangle", "blue squares and a green triangle"],
+            ["a small yellow star above a big purple circle", "a yellow star and a purple circle"],
+            ["a green square", "there is a green square", "a picture of a green square"]]
+    preds = ["a red circle", "two blue squares and a triangle", "a yellow star", "a green square"]
+    task = Task(name="coco", kind="caption", metric="cider", support=[], test=["unused.tar"])
+    items = [Item(id=str(i), images=[], captions=r, meta={"qtype": "caption" if i < 2 else "scene", "held_out": i == 3})
+             for i, r in enumerate(refs)]
+    score, per_item = M.cider_scores({str(i): p for i, p in enumerate(preds)}, {str(i): r for i, r in enumerate(refs)})
+    out = breakdown(task, items, preds)
+    assert out["held_out=True"] == {"n": 1, "score": pytest.approx(per_item["3"])}
+    assert per_item["3"] > 0
+    for key in ("qtype", "held_out"):
+        groups = [v for k, v in out.items() if k.startswith(f"{key}=")]
+        assert sum(g["n"] * g["score"] for g in groups) / len(items) == pytest.approx(score)
 
 
 # ---------------------------------------------------------------- a tiny world in the task format
@@ -355,6 +449,36 @@ def test_untrained_model_evaluates_every_task_with_rank_and_rices(task_world, mo
     assert (tmp_path / "predictions" / "coco_2shot.json").is_file()
 
 
+def test_overall_records_the_tasks_it_averages_and_leaves_out_one_without_a_reference(task_world, model, caplog):
+    """One vatex item: CIDEr over one item is 0 for any caption (its IDF is log 1), so the oracle reference is
+    None and the Overall can only be vqav2's; the results and the table say so."""
+    from flamingo_lab.config import compose
+    from flamingo_lab.eval import evaluate_model
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(compose(["scale=tiny", f"data.root={task_world}"]).eval, resolve=True)
+    cfg.update(tasks=["vqav2", "vatex"], max_items=2, task_max_items={"vatex": 1}, shots=[0], batch_size=2,
+               controls=[], overall_tasks=["vqav2", "vatex"])
+    with caplog.at_level("WARNING", logger="flamingo_lab.eval.metrics"):
+        res = evaluate_model(model, task_world, cfg, progress=False)
+    assert res["references"]["vatex"]["value"] is None and res["overall_tasks"] == ["vqav2", "vatex"]
+    assert res["overall_tasks_used"] == ["vqav2"]
+    assert res["overall"]["0"] == pytest.approx(100 * res["scores"]["vqav2"]["0"]["score"]
+                                               / res["references"]["vqav2"]["value"])
+    assert any("'vatex'" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "over vqav2; left out (no reference): vatex" in res["table"]
+
+
+def test_a_task_without_test_items_is_an_error_that_names_it(task_world, model):
+    from flamingo_lab.config import compose
+    from flamingo_lab.eval.harness import TaskEvaluator
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(compose(["scale=tiny", f"data.root={task_world}"]).eval, resolve=True)
+    with pytest.raises(ValueError, match="task 'vqav2' has no test items.*eval.max_items"):
+        TaskEvaluator(model, load_tasks(task_world)["vqav2"], {**cfg, "max_items": 0}, progress=False)
+
+
 def test_tiny_trained_model_end_to_end_and_flamingo_eval_cli(task_world, imported, tmp_path):
     """Train a few steps (evaluation at the end: all five tasks at k = 0 and 4), then flamingo-eval
     the checkpoint on an imported-format folder (paper references)."""
@@ -407,6 +531,18 @@ def test_breakdown_per_question_type_and_held_out_with_majority_and_chance():
     assert out["qtype=count"] == {"n": 1, "score": 0.0, "majority": 100.0, "chance": 100.0}
     assert out["held_out=True"]["score"] == pytest.approx(50.0) and out["held_out=False"]["n"] == 2
     assert not any(k.startswith("objects=") for k in out)  # items without a scene: no such groups
+
+
+def test_breakdown_chance_counts_answers_the_metric_equates_as_one_class():
+    """"two" and "2" score alike, so guessing among a group's answers is a guess between two answers, not three."""
+    from flamingo_lab.eval.harness import breakdown
+
+    task = Task(name="v", kind="vqa", metric="vqa_accuracy", support=[], test=["unused.tar"])
+    items = [Item(id=str(i), images=[], question="q", answers=[a] * 10, meta={"qtype": "count"})
+             for i, a in enumerate(["two", "2", "three"])]
+    out = breakdown(task, items, ["2", "2", "3"])["qtype=count"]
+    assert out["majority"] == pytest.approx(200 / 3)  # always "2": two of three
+    assert out["chance"] == pytest.approx(50.0)  # "2" (2/3) or "3" (1/3), either at random
 
 
 def test_breakdown_by_objects_in_the_scene_per_question_type():
@@ -464,6 +600,10 @@ def test_in_context_breakdown_separates_binding_from_repeating_a_shown_answer():
     assert summary["in_episode"] == 100.0 and summary["copied"] == pytest.approx(100 / 3)
     _, summary = shown_breakdown(task, prompts, ["red", "dax", "top left"], episodes)
     assert summary["in_episode"] == 0.0
+    # an answer the score counts as a shown one ("Dax.", "the wug") is a copy of it, and one of its episode's answers
+    groups, summary = shown_breakdown(task, prompts, ["Dax.", "the wug", "DAX"], episodes)
+    assert groups["answer_shown=True"]["score"] == 100.0
+    assert summary["copied"] == 100.0 and summary["in_episode"] == pytest.approx(200 / 3)
 
 
 # ---------------------------------------------------------------- the text-description control

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -109,6 +110,21 @@ def _score(task: Task, items: list[Item], preds: list[str]) -> float:
     return M.top1_score(preds, [it.answers[0] for it in items])
 
 
+def _group_scorer(task: Task, items: list[Item], preds: list[str]):
+    """``score(idx)``: the task's metric on the items ``idx``, in the units of the task's score.
+
+    CIDEr is computed once over all the items and a group gets the mean of its items' scores: its IDF
+    must come from the whole test set, as the task's score does (a group scored as its own corpus weighs
+    a word by the group alone: one item always scores 0, a word in all the group's references counts for
+    nothing). VQA accuracy and top-1 are per item already, so a group is scored on its own items.
+    """
+    if task.metric == "cider":
+        _, per_item = M.cider_scores({str(i): p for i, p in enumerate(preds)},
+                                     {str(i): it.captions for i, it in enumerate(items)})
+        return lambda idx: float(np.mean([per_item[str(i)] for i in idx]))
+    return lambda idx: _score(task, [items[i] for i in idx], [preds[i] for i in idx])
+
+
 def _objects_group(item: Item) -> str | None:
     """``"<qtype>, <n> objects"`` from the item's scene metadata (the world's tasks carry it), else None."""
     scene, qtype = item.meta.get("scene"), item.meta.get("qtype")
@@ -121,11 +137,13 @@ def _objects_group(item: Item) -> str | None:
 def breakdown(task: Task, items: list[Item], preds: list[str], keys=("qtype", "held_out", "objects")) -> dict:
     """The task's metric per value of each item field in ``keys`` (e.g. per question type, and on
     held-out attribute combinations vs seen ones), with the item count, the majority-answer baseline and
-    chance (the mean score of always giving one of the group's answers, over its distinct answers: a
-    uniform guess among them). ``objects`` groups each question type by the number of objects in its scene
-    (where items carry their scene and a type's scenes differ in it): a question about one object of several
-    needs the model to find that object first, so this tells binding from reading an attribute."""
-    out: dict[str, dict] = {}
+    chance (the mean score of always giving one of the group's answers, over its distinct answers as the
+    metric normalises them: a uniform guess among them). A CIDEr group scores the mean of its items' CIDEr
+    within the whole test set (``_group_scorer``). ``objects`` groups each question type by the number of
+    objects in its scene (where items carry their scene and a type's scenes differ in it): a question about
+    one object of several needs the model to find that object first, so this tells binding from reading an
+    attribute."""
+    groups: dict[str, list[int]] = {}  # "key=value" -> the indices of its items
     for key in keys:
         if key == "objects":
             if task.metric == "cider":
@@ -138,16 +156,21 @@ def breakdown(task: Task, items: list[Item], preds: list[str], keys=("qtype", "h
         else:
             values_of = {i: str(it.meta[key]) for i, it in enumerate(items) if key in it.meta}
         for value in sorted(set(values_of.values())):
-            idx = [i for i, v in values_of.items() if v == value]
-            sub_items, sub_preds = [items[i] for i in idx], [preds[i] for i in idx]
-            entry = {"n": len(idx), "score": _score(task, sub_items, sub_preds)}
-            if task.metric != "cider":  # what always giving the most common answer of this group scores
-                targets = [target_text(task, it) for it in sub_items]
-                classes = sorted(set(targets))
-                per_class = {c: _score(task, sub_items, [c] * len(sub_items)) for c in classes}
-                entry["majority"] = max(per_class.values())
-                entry["chance"] = sum(per_class.values()) / len(classes)
-            out[f"{key}={value}"] = entry
+            groups[f"{key}={value}"] = [i for i, v in values_of.items() if v == value]
+    score = _group_scorer(task, items, preds) if groups else None
+    out: dict[str, dict] = {}
+    for name, idx in groups.items():
+        entry = {"n": len(idx), "score": score(idx)}
+        if task.metric != "cider":  # what always giving the most common answer of this group scores
+            sub_items = [items[i] for i in idx]
+            # one class per answer the metric tells apart ("two" and "2" are one): the uniform guess is over those
+            classes: dict[str, str] = {}
+            for t in sorted(set(target_text(task, it) for it in sub_items)):
+                classes.setdefault(M.normalize_answer(t), t)
+            per_class = [_score(task, sub_items, [c] * len(sub_items)) for c in classes.values()]
+            entry["majority"] = max(per_class)
+            entry["chance"] = sum(per_class) / len(per_class)
+        out[name] = entry
     return out
 
 
@@ -163,23 +186,31 @@ def shown_breakdown(task: Task, prompts: list[Prompt], preds: list[str],
     share of predictions that are one of the query's episode's answers (``in_episode``): for
     implicit_question, an answer of the kind asked (right or wrong); for renamed_colours, one of the
     episode's fresh words."""
+    # answers compared as the score compares them: "Red" and "red." repeat a shown "red"
+    norm = M.normalize_answer
+    target = [norm(target_text(task, p.query)) for p in prompts]
+    shown = [{norm(a) for a in p.shown} for p in prompts]
+    pred = [norm(pr) for pr in preds]
+    score = _group_scorer(task, [p.query for p in prompts], preds)
     groups: dict[str, dict] = {}
     for value in (True, False):
-        idx = [i for i, p in enumerate(prompts) if (target_text(task, p.query) in p.shown) == value]
+        idx = [i for i in range(len(prompts)) if (target[i] in shown[i]) == value]
         if not idx:
             continue
-        entry = {"n": len(idx), "score": _score(task, [prompts[i].query for i in idx], [preds[i] for i in idx])}
+        entry = {"n": len(idx), "score": score(idx)}
         if value:
-            entry["guess_shown"] = 100.0 * sum(1 / len(set(prompts[i].shown)) for i in idx) / len(idx)
+            entry["guess_shown"] = 100.0 * sum(1 / len(shown[i]) for i in idx) / len(idx)
         groups[f"answer_shown={value}"] = entry
+    n = max(len(prompts), 1)
     summary = {
-        "guess_shown": 100.0 * sum((target_text(task, p.query) in p.shown) / len(set(p.shown))
-                                   for p in prompts if p.shown) / max(len(prompts), 1),
-        "copied": 100.0 * sum(pr in p.shown for p, pr in zip(prompts, preds)) / max(len(prompts), 1),
+        "guess_shown": 100.0 * sum((target[i] in shown[i]) / len(shown[i])
+                                   for i in range(len(prompts)) if shown[i]) / n,
+        "copied": 100.0 * sum(pred[i] in shown[i] for i in range(len(prompts))) / n,
     }
     if episode_answers is not None:
-        summary["in_episode"] = 100.0 * sum(pr in episode_answers.get(p.query.episode, ())
-                                            for p, pr in zip(prompts, preds)) / max(len(prompts), 1)
+        episodes = {e: {norm(a) for a in answers} for e, answers in episode_answers.items()}
+        summary["in_episode"] = 100.0 * sum(pred[i] in episodes.get(p.query.episode, ())
+                                            for i, p in enumerate(prompts)) / n
     return groups, summary
 
 
@@ -199,6 +230,9 @@ class TaskEvaluator:
         self.device = next(model.parameters()).device
         per_task = (cfg.get("task_max_items") or {}).get(task.name)  # a cheap or noisy task may read more
         self.test = read_items(task.test, task.frames, per_task if per_task is not None else cfg.get("max_items"))
+        if not self.test:
+            raise ValueError(f"task {task.name!r} has no test items: check that its test shards {task.test} hold "
+                             f"samples and that eval.max_items (or eval.task_max_items.{task.name}) is at least 1")
         self.support = read_items(task.support, task.frames, cfg.get("max_support")) if task.support else []
         self.template = templates_for(cfg["prompts"], task)
         self.decoding = _decoding(cfg, task)
@@ -333,6 +367,7 @@ def evaluate_model(model, root: str | Path, cfg: Mapping, *, out_dir: str | Path
     """Evaluate ``model`` on the tasks of ``root`` (a world or an imported folder) at ``cfg['shots']``.
 
     Returns ``{"scores": {task: {k: {...}}}, "references", "overall": {k: ...}, "overall_score",
+    "overall_tasks" (asked for), "overall_tasks_used" (those with a reference, which the Overall averages),
     "metrics": flat W&B-style keys, "table", "wall_time_s", ...}``; with ``out_dir`` the
     predictions go to ``out_dir/predictions/<task>_<k>shot.json``.
     """
@@ -393,6 +428,7 @@ def evaluate_model(model, root: str | Path, cfg: Mapping, *, out_dir: str | Path
         overall_tasks = [t for t, task in tasks.items() if not task.in_context]
     overall = {str(k): M.overall_score({t: scores[t][str(k)]["score"] for t in overall_tasks},
                                        {t: refs[t]["value"] for t in overall_tasks}) for k in shots}
+    overall_used = M.overall_tasks_used(overall_tasks, {t: refs[t]["value"] for t in overall_tasks})
     main_k = int(cfg.get("overall_shots", 4))
     main_k = main_k if main_k in shots else max(shots)
     metrics = {}
@@ -413,8 +449,9 @@ def evaluate_model(model, root: str | Path, cfg: Mapping, *, out_dir: str | Path
         metrics["eval/overall"] = overall[str(main_k)]
     result = {
         "root": str(root), "shots": shots, "support": cfg.get("support", "random"), "scores": scores,
-        "controls": control_scores, "references": refs, "oracle": oracle, "overall_tasks": overall_tasks, "overall": overall,
-        "overall_shots": main_k, "overall_score": overall[str(main_k)], "metrics": metrics,
+        "controls": control_scores, "references": refs, "oracle": oracle, "overall_tasks": overall_tasks,
+        "overall_tasks_used": overall_used, "overall": overall, "overall_shots": main_k,
+        "overall_score": overall[str(main_k)], "metrics": metrics,
         "wall_time_s": time.perf_counter() - started,
     }
     result["table"] = format_table(result)
@@ -436,6 +473,9 @@ def format_table(result: Mapping) -> str:
     ov = result["overall"]
     lines.append(f"{'Overall (%)':<32}" + "".join(f"{ov[str(k)]:>10.2f}" if ov[str(k)] is not None else f"{'-':>10}"
                                                   for k in shots))
-    lines.append(f"Overall = mean of score / reference over {', '.join(result['overall_tasks'])}; "
-                 f"headline eval/overall at {result['overall_shots']} shots")
+    used = result.get("overall_tasks_used", result["overall_tasks"])  # results written before it was recorded
+    left_out = [t for t in result["overall_tasks"] if t not in used]
+    lines.append(f"Overall = mean of score / reference over {', '.join(used) or 'no task'}; "
+                 + (f"left out (no reference): {', '.join(left_out)}; " if left_out else "")
+                 + f"headline eval/overall at {result['overall_shots']} shots")
     return "\n".join(lines)

@@ -6,10 +6,13 @@ All scores are percentages (CIDEr x 100, as the paper reports COCO 143.3).
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 import shutil
 from collections import Counter
 from typing import Mapping, Sequence
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- VQA answer normalisation
 # After the official VQA evaluation script (vqaEval.py, Antol et al. 2015 / VQAv2).
@@ -75,16 +78,30 @@ def normalize_answer(answer: str) -> str:
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """Official VQA accuracy of one prediction against the human answers (usually 10), in [0, 1].
+    """VQA accuracy of one prediction against the human answers (usually 10), in [0, 1].
 
     For each human, min(#other humans who gave the prediction / 3, 1); averaged over the humans
-    (= over the 10-choose-9 subsets of annotators). Both sides are normalised (the official script
-    normalises human answers only when they disagree; normalising always gives the same scores on
-    VQAv2 and is robust to unnormalised imports).
+    (= over the 10-choose-9 subsets of annotators). The prediction is normalised as the official
+    script (vqaEval.py) normalises it. Where this differs from that script:
+
+    - Every human answer gets the same full normalisation as the prediction. The official script only
+      strips punctuation from them (``processPunctuation``), and only when the humans disagree, so it
+      keeps case, number words and articles. The embedded world needs the full normalisation: its count
+      answers are number words ("two"), which the official script would never match to a normalised
+      prediction ("2"). The two give the same scores whenever the human answers are already in normalised
+      form, as those of the real VQAv2 annotation files are; on unnormalised answers this one is more
+      lenient (official: "The dog" x10 never matches any prediction; here "dog" scores 1).
+    - One accepted answer (``len(answers) == 1``) is an exact match after normalisation; the official
+      script, finding no other human to agree, would give 0.
+
+    A prediction that normalises to "" (empty, or only articles / punctuation) scores 0, as in the
+    official script, even where a human answer also normalises to "" (e.g. "a", "the", "?").
     """
     if not answers:
         raise ValueError("vqa_accuracy needs at least one human answer")
     pred = normalize_answer(prediction)
+    if not pred:  # full normalisation also empties some human answers ("the", "?"): saying nothing is never right
+        return 0.0
     gts = [normalize_answer(a) for a in answers]
     if len(gts) == 1:
         return float(pred == gts[0])
@@ -98,7 +115,8 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
 def vqa_score(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> float:
     """Mean VQA accuracy, in percent."""
     _same_length(predictions, answers)
-    return 100.0 * sum(vqa_accuracy(p, a) for p, a in zip(predictions, answers)) / max(len(predictions), 1)
+    _require_items(predictions, "vqa_score")
+    return 100.0 * sum(vqa_accuracy(p, a) for p, a in zip(predictions, answers)) / len(predictions)
 
 
 def most_common_answer(answers: Sequence[str]) -> str:
@@ -112,37 +130,58 @@ def most_common_answer(answers: Sequence[str]) -> str:
 
 
 def top1_score(predictions: Sequence[str], targets: Sequence[str]) -> float:
-    """Exact-match accuracy in percent, both sides with the VQA normalisation (case, punctuation, articles)."""
+    """Exact-match accuracy in percent, both sides with the VQA answer normalisation (``normalize_answer``).
+
+    A deliberate leniency over a strict string match: case, punctuation, articles and number words do not
+    count, so "Two." matches "2" and "a man" matches "man"; a strict top-1 would score those 0.
+    """
     _same_length(predictions, targets)
+    _require_items(predictions, "top1_score")
     hits = sum(normalize_answer(p) == normalize_answer(t) for p, t in zip(predictions, targets))
-    return 100.0 * hits / max(len(predictions), 1)
+    return 100.0 * hits / len(predictions)
 
 
 # ---------------------------------------------------------------- CIDEr
 
 
-def cider_score(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> float:
-    """Corpus CIDEr-D (pycocoevalcap's Cider scorer after its PTBTokenizer), times 100.
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace (line breaks included) made one space.
+
+    PTBTokenizer writes one caption a line and reads the Java tokenizer's output back by line number,
+    but it only replaces "\\n": the Java tokenizer also ends a line at "\\r", "\\v", "\\f", "\\u2028" and
+    "\\u2029", so one such caption would shift every later caption onto another item's id.
+    """
+    return " ".join(text.split())
+
+
+def cider_scores(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]
+                 ) -> tuple[float, dict[str, float]]:
+    """Corpus CIDEr-D (pycocoevalcap's Cider scorer after its PTBTokenizer) and each item's own, times 100.
 
     ``predictions`` id -> caption; ``references`` id -> reference captions. The IDF comes from the
-    references of the items scored, as in the COCO evaluation server.
+    references of all the items given, as in the COCO evaluation server; the corpus score is the mean
+    of the items' scores, so the mean over a subset of items is that subset's score in the same units.
     """
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     if set(predictions) != set(references):
         raise ValueError("predictions and references must have the same ids")
-    if not predictions:
-        return 0.0
+    _require_items(predictions, "cider_score")
     if shutil.which("java") is None:
         raise RuntimeError("CIDEr's PTBTokenizer needs java: install a JRE (apt-get install default-jre-headless)")
     keys = [str(k) for k in predictions]
     tok = PTBTokenizer()
-    gts = tok.tokenize({str(k): [{"caption": c} for c in references[k]] for k in predictions})
-    res = tok.tokenize({str(k): [{"caption": predictions[k] or ""}] for k in predictions})
+    gts = tok.tokenize({str(k): [{"caption": one_line(c)} for c in references[k]] for k in predictions})
+    res = tok.tokenize({str(k): [{"caption": one_line(predictions[k] or "")}] for k in predictions})
     res = {k: v if v and v[0] else [""] for k, v in res.items()}
-    score, _ = Cider().compute_score({k: gts[k] for k in keys}, {k: res[k] for k in keys})
-    return 100.0 * float(score)
+    score, per_item = Cider().compute_score({k: gts[k] for k in keys}, {k: res[k] for k in keys})  # in keys' order
+    return 100.0 * float(score), {k: 100.0 * float(s) for k, s in zip(keys, per_item)}
+
+
+def cider_score(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> float:
+    """Corpus CIDEr-D times 100 (see ``cider_scores``)."""
+    return cider_scores(predictions, references)[0]
 
 
 # ---------------------------------------------------------------- ROC-AUC (binary classification)
@@ -161,12 +200,34 @@ def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
 # ---------------------------------------------------------------- Overall
 
 
+def overall_tasks_used(tasks: Sequence[str], references: Mapping[str, float | None]) -> list[str]:
+    """The tasks of ``tasks`` the Overall can average: those with a reference (None or 0 gives no ratio)."""
+    return [t for t in tasks if references.get(t)]
+
+
 def overall_score(scores: Mapping[str, float], references: Mapping[str, float | None]) -> float | None:
-    """Mean over tasks of score / reference, in percent (the paper's Overall); None if no task has a reference."""
-    ratios = [scores[t] / references[t] for t in scores if references.get(t)]
+    """Mean over tasks of score / reference, in percent (the paper's Overall); None if no task has a reference.
+
+    A task whose reference is None or 0 is left out of the mean with a warning, since the Overall then
+    averages fewer tasks than asked (``overall_tasks_used`` says which remain).
+    """
+    used = overall_tasks_used(list(scores), references)
+    for t in scores:
+        if t not in used:
+            log.warning("Overall leaves out task %r: its reference is %r, so score / reference is undefined "
+                        "(an oracle reference is None when the oracle scores 0 on the task's test items)",
+                        t, references.get(t))
+    ratios = [scores[t] / references[t] for t in used]
     return 100.0 * sum(ratios) / len(ratios) if ratios else None
 
 
 def _same_length(a: Sequence, b: Sequence) -> None:
     if len(a) != len(b):
         raise ValueError(f"got {len(a)} predictions for {len(b)} references")
+
+
+def _require_items(predictions, metric: str) -> None:
+    # a mean over no items is no score: 0 would pass for a model that got everything wrong
+    if len(predictions) == 0:
+        raise ValueError(f"{metric}: the task has no test items to score. Check that its test shards hold "
+                         "samples and that eval.max_items (or eval.task_max_items.<task>) is at least 1")
