@@ -173,6 +173,41 @@ def test_a_world_written_before_a_key_existed_stays_current(tiny_world_dir, tmp_
         assert make_video_pair(cfg, "train", i)["json"]["scene"] == before.meta()
 
 
+def test_the_number_of_writing_processes_is_no_part_of_a_world(tiny_world_dir, tmp_path):
+    """The tiny world written by 1 process (the fixture) and by 2 has the same bytes in every file but
+    world.json, so it is one world: the same stage keys, flamingo-data does not rewrite it, the sweep takes
+    it for the tiny world. Any other setting still makes another world."""
+    import hashlib
+    from dataclasses import asdict, replace
+
+    from omegaconf import OmegaConf
+
+    from flamingo_lab.make_data import compose_world, run
+    from flamingo_lab.pretrain.cache import stage_key, world_fingerprint
+    from flamingo_lab.sweep import check_world
+
+    one = compose_world("tiny")
+    assert one.workers == 1
+    two = tmp_path / "two"
+    write_world(replace(one, workers=2), two, progress=False)
+
+    def digests(root):
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file() and p.name != "world.json"}
+
+    assert digests(two) == digests(tiny_world_dir) and len(digests(two)) > 20
+    w1, w2 = load_world(tiny_world_dir), load_world(two)
+    assert (w1["config"]["workers"], w2["config"]["workers"]) == (1, 2)
+    assert world_fingerprint(w1) == world_fingerprint(w2)
+    assert stage_key("lm", {"a": 1}, w1) == stage_key("lm", {"a": 1}, w2)
+    check_world(two, "tiny")  # conf/world/tiny.yaml says workers: 1
+    before = (two / "world.json").read_bytes()
+    assert run(OmegaConf.create({"world": asdict(one), "out_dir": str(two), "force": False, "progress": False})) is None
+    assert (two / "world.json").read_bytes() == before  # skipped, not rewritten
+    other = {**w2, "config": {**w2["config"], "seed": 1}}
+    assert world_fingerprint(other) != world_fingerprint(w2)
+
+
 def test_position_words_column_first_name_every_cell_column_first():
     """world.position_words=column_first: questions, their alternatives, captions, pages, implicit items, clip
     events and the text control's words all say "left top", never "top left"; the default world is unchanged."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from flamingo_lab.data.world import MANIFEST, WorldConfig, write_world
+from flamingo_lab.data.world import MANIFEST, WorldConfig, world_identity, write_world
 
 log = logging.getLogger("flamingo_lab.make_data")
 
@@ -46,7 +46,8 @@ def existing_config(out_dir: Path) -> dict | None:
 def run(cfg: DictConfig) -> dict | None:
     world = WorldConfig(**OmegaConf.to_container(cfg.world, resolve=True))
     out_dir = Path(cfg.out_dir)
-    if not cfg.force and existing_config(out_dir) == asdict(world):
+    have = existing_config(out_dir)
+    if not cfg.force and have is not None and world_identity(have) == world_identity(asdict(world)):
         log.info("world %r already complete at %s with this config: skipping (force=true rewrites it)",
                  world.name, out_dir)
         return None

@@ -168,6 +168,7 @@ def check_world(root: Path, world: str, scale: str = "embedded") -> None:
     import json
     from dataclasses import asdict
 
+    from flamingo_lab.data.world import world_identity
     from flamingo_lab.make_data import compose_world, existing_config
 
     path = root / "world.json"
@@ -188,7 +189,8 @@ def check_world(root: Path, world: str, scale: str = "embedded") -> None:
             f"rewrite it with {rewrite}"
         )
     want = asdict(compose_world(world))
-    differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    same_have, same_want = world_identity(have), world_identity(want)
+    differ = sorted(k for k in set(same_have) | set(same_want) if same_have.get(k) != same_want.get(k))
     if differ:
         shown = "; ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} in the config" for k in differ[:4])
         more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""

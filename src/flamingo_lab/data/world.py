@@ -62,6 +62,10 @@ WORLD_FORMAT = "flamingo-lab-world/6"
 #: value it is no part of a world's identity (pretrain.cache.world_fingerprint), so cached stages stay valid.
 BACKWARD_DEFAULTS = {"game_bare": 0.0, "game_words": 0.0, "game_cues": 0.0, "vtp_moves": 0.25,
                      "position_words": "row_first"}
+#: How a world is written, not what it holds: the shards' bytes do not depend on these (tests/test_world.py).
+#: A world's identity takes each at this value, so a world written by 1 or 8 processes is the same world (its
+#: stages and runs stay valid, flamingo-data does not rewrite it, the sweep accepts it).
+WRITE_SETTINGS = {"workers": 2}
 MANIFEST = "world.json"
 SPLITS = ("train", "val")
 SOURCES = ("m3w", "ltip", "align", "laion", "vtp")
@@ -1127,6 +1131,13 @@ def answer_balance(answers: list[tuple[str, str]]) -> dict[str, float]:
     for qtype, a in answers:
         by_type.setdefault(qtype, Counter())[a] += 1
     return {q: round(max(c.values()) / sum(c.values()), 3) for q, c in sorted(by_type.items())}
+
+
+def world_identity(config: dict) -> dict:
+    """A world config as its identity: the keys of :data:`BACKWARD_DEFAULTS` left out at their backward value
+    (a world written before they existed is the same world) and :data:`WRITE_SETTINGS` at theirs."""
+    out = {k: v for k, v in config.items() if not (k in BACKWARD_DEFAULTS and v == BACKWARD_DEFAULTS[k])}
+    return {**out, **{k: v for k, v in WRITE_SETTINGS.items() if k in out}}
 
 
 def write_world(cfg: WorldConfig, out_dir: str | Path, *, progress: bool = True) -> dict:

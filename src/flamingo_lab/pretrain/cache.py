@@ -24,11 +24,11 @@ def world_fingerprint(world: dict) -> str:
 
     A key added to the config later is left out at the value that writes the same world as before it
     existed (``world.BACKWARD_DEFAULTS``): a world written before and one written after have one identity.
+    How it was written (``world.WRITE_SETTINGS``: the number of processes) is no part of it.
     """
-    from flamingo_lab.data.world import BACKWARD_DEFAULTS
+    from flamingo_lab.data.world import world_identity
 
-    config = {k: v for k, v in world["config"].items() if not (k in BACKWARD_DEFAULTS and v == BACKWARD_DEFAULTS[k])}
-    blob = {"config": config, "format": world.get("format")}
+    blob = {"config": world_identity(world["config"]), "format": world.get("format")}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
