@@ -10,8 +10,10 @@ real-format files (COCO captions, VQAv2); both hold::
                          "zero_shot_text_examples": n (optional: overrides eval.zero_shot_text_examples)}}
 
 Each sample: images ``0.png`` .. ``{F-1}.png`` (the frames of a clip, or one still) and ``json``
-``{"id", "question", "answers", "captions", "episode", ...}``. Shard paths may be relative to the
-manifest's folder. Only images, json and txt are decoded (never unpickled).
+``{"id", "question", "answers", "captions", "episode", ...}``; every other json field lands in
+``Item.meta`` (``qtype``, ``held_out``, ``scene``: what the evaluation's breakdown groups on). Shard paths
+may be relative to the manifest's folder. Only images, json and txt are decoded (never unpickled); a
+sample that cannot be decoded raises, naming its shard and key.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
-from flamingo_lab.data.shards import decode_sample
+from flamingo_lab.data.shards import SkipSample, decode_sample
 
 MANIFEST_NAMES = ("world.json", "tasks.json", "manifest.json")
 KINDS = ("caption", "vqa", "video_qa", "video_caption")
 METRICS = ("cider", "vqa_accuracy", "top1")
+REWRITE = ("rewrite that folder (`flamingo-import ... out_dir=<folder>` for an imported one, "
+           "`flamingo-data out_dir=<folder>` for a world)")
 
 
 @dataclass
@@ -118,13 +122,18 @@ def read_items(shards: list[str], frames: int, limit: int | None = None) -> list
     for raw in raw_iter:
         if limit is not None and len(items) >= limit:
             break
-        sample = decode_sample(raw)
+        where = f"{raw.get('__url__')}:{raw.get('__key__')}"  # shard:sample
+        try:
+            sample = decode_sample(raw)
+        except SkipSample as exn:  # a task sample is never skipped: the scores would silently cover fewer items
+            raise ValueError(f"task sample {where} cannot be read ({exn.reason}: {exn}): its shard is damaged; "
+                             f"{REWRITE}") from exn
         meta = sample.get("json") or {}
         images = [sample[f"{f}.png"] for f in range(frames) if f"{f}.png" in sample]
         if not images:  # a still saved under another image name (jpg, png)
             images = [sample[k] for k in sorted(sample) if k.rsplit(".", 1)[-1] in ("png", "jpg", "jpeg")][:1]
         if len(images) != frames:
-            raise ValueError(f"sample {sample.get('__key__')} in {shards} has {len(images)} frames; the task says {frames}")
+            raise ValueError(f"task sample {where} has {len(images)} frames; the task says {frames}: {REWRITE}")
         captions = meta.get("captions") or ([sample["txt"]] if "txt" in sample else [])
         items.append(Item(
             id=str(meta.get("id", sample.get("__key__"))), images=images, question=meta.get("question"),
