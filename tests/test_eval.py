@@ -469,6 +469,26 @@ def test_overall_records_the_tasks_it_averages_and_leaves_out_one_without_a_refe
     assert "over vqav2; left out (no reference): vatex" in res["table"]
 
 
+def test_fewer_support_items_than_shots_are_reported_not_hidden(task_world, model, caplog):
+    """With 2 support items a 4-shot prompt can show only 2 (the query is never its own shot): the result
+    records the shots its prompts had, and a warning says how to get k."""
+    import logging
+
+    from flamingo_lab.config import compose
+    from flamingo_lab.eval.harness import TaskEvaluator
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(compose(["scale=tiny", f"data.root={task_world}"]).eval, resolve=True)
+    task = load_tasks(task_world)["vqav2"]
+    full = TaskEvaluator(model, task, {**cfg, "max_items": 2}, progress=False).run(2)
+    assert full["shots_used"] == {"min": 2, "max": 2, "short": 0}
+    with caplog.at_level(logging.WARNING):
+        short = TaskEvaluator(model, task, {**cfg, "max_items": 2, "max_support": 2}, progress=False).run(4)
+    assert short["shots_used"] == {"min": 2, "max": 2, "short": 2}
+    assert "2 of 2 prompts have fewer than 4 shots" in caplog.text and "eval.max_support" in caplog.text
+    assert "shots_used" not in TaskEvaluator(model, task, {**cfg, "max_items": 2}, progress=False).run(0)
+
+
 def test_a_task_without_test_items_is_an_error_that_names_it(task_world, model):
     from flamingo_lab.config import compose
     from flamingo_lab.eval.harness import TaskEvaluator

@@ -318,6 +318,14 @@ class TaskEvaluator:
         prompts = self.prompts(k, control)
         desc = f"{self.task.name} {k}-shot" + (f" ({control} control)" if control else "")
         out: dict[str, Any] = {"metric": self.task.metric, "n": len(prompts)}
+        if k > 0:  # a support pool smaller than k gives shorter prompts: say so, never report them as k-shot silently
+            used = [len(p.images) - 1 for p in prompts]  # every image but the query's is a shot
+            out["shots_used"] = {"min": min(used), "max": max(used), "short": sum(u < k for u in used)}
+            if out["shots_used"]["short"]:
+                log.warning("%s: %d of %d prompts have fewer than %d shots (as few as %d): the support pool%s is "
+                            "smaller than k; raise eval.max_support or give the task more support items",
+                            desc, out["shots_used"]["short"], len(prompts), k, out["shots_used"]["min"],
+                            " of the query's episode" if self.task.in_context else "")
         if self.decoding.get("mode", "generate") == "rank":
             classes = _classes(self.task, self.support, self.test)
             preds, logp = self.rank_classes(prompts, classes, desc)
