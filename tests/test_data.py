@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import logging
 import os
 import pickle
@@ -12,20 +14,24 @@ from collections import Counter
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from flamingo_lab.data.shards import (
     IGNORE_INDEX,
     Tokenise,
+    decode_image,
     decode_sample,
     image_to_tensor,
     load_world,
     load_world_tokenizer,
     make_eval_dataset,
     make_train_dataset,
+    to_rgb,
 )
 from flamingo_lab.data.tokenizer import EOC_TOKEN, MEDIA_TOKEN
 from flamingo_lab.data.world import WorldConfig, encode_sample, make_doc_sample, make_pair, write_world
@@ -83,8 +89,14 @@ def test_doc_places_each_image_before_its_sentence():
 
 
 def test_missing_or_unfinished_world_has_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"run `flamingo-data out_dir="):
+    with pytest.raises(FileNotFoundError, match=r"run `flamingo-data out_dir=") as err:
         load_world(tmp_path)
+    # it also says how to train on real shards (a hand-written manifest), not only how to write synthetic data
+    message = str(err.value)
+    assert "To train on your own WebDataset shards" in message and "model.lm.path" in message
+    manifest = message[message.index('{"shards"'):]
+    manifest = manifest[: manifest.index("}}}") + 3].replace(", ...", "").replace("[...]", "[]")
+    assert set(json.loads(manifest)["shards"]) == {"train", "val"}
 
 
 # --- tokenising to fixed shapes ---------------------------------------------------------------
@@ -127,6 +139,21 @@ def test_pair_format(tok):
     assert ids[-2:] == [tok.convert_tokens_to_ids(EOC_TOKEN), tok.eos_token_id]
     assert tok.decode(ids[2:-2]).replace(" ", "") == sample["txt"].replace(" ", "")
     assert int(out["n_images"]) == 1 and out["images"][0].abs().sum() > 0
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_16_bit_grey_pngs_keep_their_grey_levels():
+    # PIL's convert("RGB") clips 0..65535 at 255: all but the darkest 16-bit greys came out white
+    levels = np.array([[0, 255, 16384, 32768, 65535]], dtype=np.uint16)
+    img = decode_image(_png(Image.fromarray(levels)))  # a 16-bit grey PNG (mode I;16)
+    assert img.mode == "RGB" and [img.getpixel((i, 0)) for i in range(5)] == [(v, v, v) for v in (0, 0, 64, 128, 255)]
+    assert decode_image(_png(Image.new("L", (2, 2), 1))).getpixel((0, 0)) == (1, 1, 1)  # 8-bit grey: unchanged
+    assert to_rgb(Image.new("I", (2, 2), 16384)).getpixel((0, 0)) == (64, 64, 64)  # how older Pillow reads them
 
 
 # --- safe decoding --------------------------------------------------------------------------

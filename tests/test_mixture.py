@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import logging
+import re
+import signal
+import tarfile
 from itertools import islice
+from pathlib import Path
 
 import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from flamingo_lab.data.mixture import RoundRobin, SkipTally, loss_scale, source_specs
 from flamingo_lab.data.shards import (
@@ -43,6 +50,29 @@ def _write(path, samples):
 
 def _keys(ds):
     return [x["__key__"] for x in ds]
+
+
+class _Spins(BaseException):
+    """Not an Exception: the pipeline's skip handlers must not swallow it."""
+
+
+@contextlib.contextmanager
+def _fails_within(seconds: float):
+    """A stream that spins for ever fails the test (SIGALRM) instead of hanging the run."""
+    def stop(signum, frame):
+        raise _Spins(f"no sample and no error within {seconds} s: the stream spins")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _pairs(n: int, prefix: str = "p") -> list[dict]:
+    return [{"__key__": f"{prefix}{i:03d}", "jpg": _jpg(), "txt": f"a red square number {i}."} for i in range(n)]
 
 
 # --- real formats ------------------------------------------------------------------------------
@@ -107,6 +137,99 @@ def test_every_bad_sample_is_skipped_and_counted_by_reason(tmp_path, tok):
     carried = torch.stack([x["skipped"] for x in out]).sum(0)
     assert {r: int(n) for r, n in zip(SKIP_REASONS, carried) if n} == {k: v for k, v in counts.items() if k != "corrupt_tar"} \
         or int(carried.sum()) == sum(counts.values())
+
+
+def _dead_shards(tmp_path, kind: str) -> list[str]:
+    """Two shards of a source with no usable sample: empty tars, missing files, or only bad samples."""
+    if kind == "missing":
+        return [str(tmp_path / "gone-000000.tar"), str(tmp_path / "gone-000001.tar")]
+    url_only = [{"__key__": f"u{i}", "json": {"url": f"http://x/{i}.jpg"}} for i in range(3)]  # bad_layout
+    samples = {"empty": [], "all_bad": url_only}[kind]
+    return [_write(tmp_path / f"{kind}-{i:06d}.tar", samples) for i in range(2)]
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("empty", r"its 2 shards hold no samples at all .*skipped so far: \{\}"),
+    ("missing", r"its 2 shards hold no samples at all .*'corrupt_tar': 2"),
+    ("all_bad", r"every one of the 6 samples in its 2 shards was skipped .*'bad_layout'"),
+])
+def test_a_training_source_with_no_usable_sample_stops_with_a_clear_error(tmp_path, tok, kind, message):
+    stream = make_source_stream(_dead_shards(tmp_path, kind), tok, source="ltip", train=True, seq_len=16,
+                                max_images=1, image_size=32, shuffle_buffer=8)
+    with _fails_within(20), pytest.raises(RuntimeError, match=rf"source 'ltip': {message}.*data\.sources\.ltip=null"):
+        next(iter(stream))
+
+
+def test_a_training_source_with_some_empty_shards_keeps_delivering(tmp_path, tok, monkeypatch):
+    # worker 0 of 2 reads one of the two shards each pass, often only the empty one: no false alarm
+    monkeypatch.setenv("WORKER", "0")
+    monkeypatch.setenv("NUM_WORKERS", "2")
+    shards = [_write(tmp_path / "good.tar", _pairs(2)), _write(tmp_path / "empty.tar", [])]
+    stream = make_source_stream(shards, tok, source="ltip", train=True, seq_len=16, max_images=1, image_size=32,
+                                shuffle_buffer=1)
+    with _fails_within(20):
+        assert len(list(islice(stream, 40))) == 40
+
+
+def test_a_dead_source_stops_the_main_process_from_a_dataloader_worker(tmp_path, tok):
+    stream = make_source_stream(_dead_shards(tmp_path, "all_bad"), tok, source="vtp", train=True, seq_len=16,
+                                max_images=1, image_size=32, shuffle_buffer=8)
+    batches = iter(DataLoader(stream, batch_size=2, num_workers=1))
+    try:
+        with _fails_within(60), pytest.raises(RuntimeError) as err:
+            next(batches)
+    finally:
+        # torch's re-raised error holds the iterator in a reference cycle; left to gc, the worker takes 5 s to stop
+        batches._shutdown_workers()
+    message = str(err.value)
+    assert re.search(r"worker process 0.*source 'vtp': every one of the 6 samples .*data\.sources\.vtp=null",
+                     message, re.S)
+
+
+def test_skip_share_stops_a_stream_that_delivers_nothing(tmp_path, tok):
+    bad = [{"__key__": f"b{i:03d}", "jpg": _jpg()} for i in range(50)]  # no txt: missing_text
+    stream = make_source_stream([_write(tmp_path / "bad.tar", bad)], tok, source="m3w", train=True, seq_len=16,
+                                max_images=1, image_size=32, shuffle_buffer=1, max_skip_share=0.2, skip_min_samples=10)
+    with _fails_within(20), pytest.raises(RuntimeError, match=r"source 'm3w': 10 samples skipped in a row with none "
+                                                             r"delivered .*data\.max_skip_share=20\.0%"):
+        next(iter(stream))
+    # skips among delivered samples are left to the training process's SkipTally, as before: 1 in 4 skipped
+    # (25% > 20%) but never 10 in a row does not stop the stream
+    mixed = [{"__key__": f"m{i:03d}", "jpg": _jpg(), **({} if i % 4 == 0 else {"txt": "a red square."})}
+             for i in range(40)]
+    stream = make_source_stream([_write(tmp_path / "mixed.tar", mixed)], tok, source="m3w", train=True, seq_len=16,
+                                max_images=1, image_size=32, shuffle_buffer=1, max_skip_share=0.2, skip_min_samples=10)
+    assert len(list(islice(stream, 60))) == 60 and stream.skipped.count >= 15
+
+
+@pytest.mark.parametrize("cut", ["in_a_header", "at_a_member_boundary"])
+def test_a_shard_truncated_between_members_counts_as_corrupt(tmp_path, tok, caplog, cut):
+    full = _write(tmp_path / "full.tar", _pairs(4, "t"))
+    with tarfile.open(full) as tar:
+        header = [m.offset for m in tar.getmembers() if m.name.startswith("t002.")][0]  # the first member of t002
+    truncated = tmp_path / "cut-000000.tar"
+    truncated.write_bytes(open(full, "rb").read()[: header + (100 if cut == "in_a_header" else 0)])
+    stream = make_source_stream([str(truncated)], tok, source="ltip", train=False, seq_len=16, max_images=1,
+                                image_size=32)
+    with caplog.at_level(logging.WARNING, logger="flamingo_lab.data.shards"):
+        keys = _keys(stream)
+    assert dict(stream.skipped.by_reason) == {"corrupt_tar": 1}
+    assert keys == ["t000"]  # t001 goes with the lost tail: nothing after it in the cut shard says it was complete
+    assert any("cut-000000.tar" in r.getMessage() and "end-of-archive" in r.getMessage() for r in caplog.records)
+    whole = make_source_stream([full], tok, source="ltip", train=False, seq_len=16, max_images=1, image_size=32)
+    assert len(_keys(whole)) == 4 and not whole.skipped.count
+
+
+def test_mmc4_image_names_with_capitals_are_found(tmp_path, tok):
+    # webdataset lower-cases member suffixes: the member CAFE01.JPG arrives as cafe01.jpg
+    docs = _write(tmp_path / "docs.tar", [
+        {"__key__": "doc3", "json": {"text_list": ["a red square."],
+                                     "image_info": [{"image_name": "CAFE01.JPG", "matched_text_index": 0}]},
+         "CAFE01.JPG": _jpg()},
+    ])
+    ds = make_eval_dataset({"m3w": [docs]}, tok, seq_len=16, max_images=1, image_size=32)
+    out = list(ds)
+    assert [x["__key__"] for x in out] == ["doc3"] and int(out[0]["n_images"]) == 1 and not ds.skipped
 
 
 def test_two_ranks_times_two_workers_partition_the_shards(tiny_world_dir, tok, monkeypatch):
@@ -179,6 +302,52 @@ def test_skip_share_threshold_stops_with_a_clear_message():
         tally.check()
     d = tally.as_dict()
     assert d["per_source"]["m3w"]["skipped"] == {"bad_image": 2, "bad_json": 8} and d["seen_total"] == 16
+
+
+def _real_root(tmp_path, val_samples) -> Path:
+    """A folder with the least manifest that trains on real shards (load_world's error describes it)."""
+    root = tmp_path / "real"
+    root.mkdir()
+    _write(root / "ltip-train-000000.tar", _pairs(6))
+    _write(root / "ltip-val-000000.tar", val_samples)
+    (root / "world.json").write_text(json.dumps(
+        {"shards": {"train": {"ltip": ["ltip-train-000000.tar"]}, "val": {"ltip": ["ltip-val-000000.tar"]}}}))
+    return root
+
+
+def _datamodule(root, tiny_world_dir):
+    from omegaconf import OmegaConf
+
+    from flamingo_lab.config import compose
+    from flamingo_lab.training.datamodule import FlamingoDataModule
+
+    cfg = compose(["scale=tiny", f"data.root={root}", f"model.lm.tokenizer={tiny_world_dir / 'tokenizer'}",
+                   "~data.sources.m3w", "~data.sources.align", "~data.sources.vtp", "data.batch_size=2"])
+    dm = FlamingoDataModule(OmegaConf.to_container(cfg, resolve=True))
+    dm.setup()
+    return dm
+
+
+def test_validation_skips_reach_the_skip_counts(tmp_path, tiny_world_dir):
+    # the skips travel with the next sample: good, bad, good, bad, good, good
+    val = [{"__key__": f"v{i}", "jpg": _jpg(), **({} if i in (1, 3) else {"txt": "a red square."})} for i in range(6)]
+    dm = _datamodule(_real_root(tmp_path, val), tiny_world_dir)
+    loader = dm.val_dataloader()
+    for _ in range(2):  # two validation passes: each counted afresh
+        for batch in loader:
+            batch = dm.on_before_batch_transfer(batch, 0)
+            assert "skipped" not in batch
+    counts = dm.skip_counts()
+    assert counts["val"]["per_source"]["ltip"]["skipped"] == {"missing_text": 2}
+    assert counts["val"]["seen_total"] == 4 and counts["val"]["skipped_total"] == 2 and counts["val"]["passes"] == 2
+    assert counts["seen_total"] == 0 and counts["skipped_total"] == 0  # training's counts are apart
+    json.dumps(counts)  # it goes into results.json
+
+
+def test_the_least_real_shard_manifest_trains(tmp_path, tiny_world_dir):
+    dm = _datamodule(_real_root(tmp_path, _pairs(4)), tiny_world_dir)
+    batch = next(iter(dm.train_loaders()["ltip"]))
+    assert batch["input_ids"].shape == (2, dm.specs["ltip"]["seq_len"]) and int(batch["n_images"].sum()) == 2
 
 
 def test_step_timer_counts_one_update_over_all_sources():

@@ -19,7 +19,12 @@ Decoding is explicit: only images, ``txt`` and ``json`` are read; every other me
 ``.pickle``, ``.pth`` ...) is ignored and never unpickled or ``torch.load``ed. A sample that fails
 is skipped with a warning and counted per source and per reason (:data:`SKIP_REASONS`); each
 sample carries ``skipped`` (counts per reason since the previous sample of its stream), so the
-counts made in DataLoader workers reach the training process with the batches.
+counts made in DataLoader workers reach the training process with the batches. A shard that cannot
+be opened, or that stops before its end-of-archive block (truncated), counts as ``corrupt_tar``.
+
+A training (repeating) stream never spins without delivering: when every shard it can read has
+been read to its end with no usable sample in it, it raises a RuntimeError that names the source
+and the fix (see :class:`SourceStream`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import json
 import logging
 import random
 import re
+import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -68,6 +74,11 @@ class SkipSample(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
+#: The least ``world.json`` that trains on real shards (one list of shards per source and split).
+REAL_SHARDS_MANIFEST = ('{"shards": {"train": {"m3w": ["m3w-000000.tar", ...], "ltip": [...]}, '
+                        '"val": {"m3w": [...], "ltip": [...]}}}')
+
+
 def _absolute(root: Path, names: list[str]) -> list[str]:
     paths = [str(root / n) for n in names]
     missing = [p for p in paths if not Path(p).is_file()]
@@ -83,14 +94,20 @@ def load_world(root: str | Path) -> dict:
     """Read ``root/world.json``; shard, task and corpus paths come back absolute, and ``root`` is added.
 
     A folder written by ``flamingo-import`` has a manifest with ``tasks`` only; it loads the same way.
-    Raises ``FileNotFoundError`` with the command that writes the world if it is missing or
-    unfinished (``world.json`` is written last).
+    Real shards need a hand-written manifest with ``shards`` only (see :data:`REAL_SHARDS_MANIFEST`).
+    Raises ``FileNotFoundError`` saying how to write either if it is missing or unfinished
+    (``world.json`` is written last).
     """
     root = Path(root).resolve()
     path = root / "world.json"
     if not path.is_file():
         raise FileNotFoundError(
-            f"no embedded world at {root} (no world.json; a half-written world has none): "
+            f"no world.json at {root} (a half-written embedded world has none either). To train on your own "
+            f"WebDataset shards, write {path} yourself: {REAL_SHARDS_MANIFEST} (shard paths relative to {root}; "
+            "a list under train and val for every source in data.sources; other keys are optional, "
+            "and leave out format), and give real weights with model.lm.path and model.vision.checkpoint "
+            "(or pretrain.lm.enabled=false pretrain.vision.enabled=false): the pretraining stages need the "
+            f"synthetic world's corpus. To write the synthetic embedded world there instead, "
             f"run `flamingo-data out_dir={root}`"
         )
     world = json.loads(path.read_text())
@@ -129,11 +146,21 @@ def load_world_tokenizer(root: str | Path):
 # ---------------------------------------------------------------------------------------------
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. PIL's ``convert`` clips 16-bit grey (PNG's ``I;16*``, or ``I`` in older Pillow, both
+    0..65535) at 255, so nearly every such image would come out white: keep the top 8 bits first.
+    (Float ``F`` images come only from formats we do not decode, such as TIFF.)"""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        x = np.asarray(img).astype(np.int64)  # I;16B arrives big-endian: astype makes it native
+        img = Image.fromarray((np.clip(x, 0, 65535) >> 8).astype(np.uint8))  # (H, W) uint8: mode L
+    return img.convert("RGB")
+
+
 def decode_image(data: bytes) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()  # fail here on a truncated/corrupt file, not later
-        return img.convert("RGB")
+        return to_rgb(img)
     except Exception as exn:  # noqa: BLE001 - PIL raises many kinds
         raise SkipSample("bad_image", f"undecodable image ({type(exn).__name__}: {exn})") from exn
 
@@ -187,8 +214,10 @@ def _caption(sample: dict) -> str:
 
 def _doc_image(sample: dict, info: dict) -> Image.Image:
     name = info.get("image_name")
-    if name in sample and isinstance(sample[name], Image.Image):
-        return sample[name]
+    # webdataset lower-cases member suffixes: MMC4's "CAFE01.JPG" arrives as "cafe01.jpg"
+    for member in (name, name.lower() if isinstance(name, str) else None):
+        if member in sample and isinstance(sample[member], Image.Image):
+            return sample[member]
     if info.get("image_base64"):  # MMC4 as open_flamingo stores it: the image inside the json
         try:
             return decode_image(base64.b64decode(info["image_base64"], validate=True))
@@ -343,7 +372,12 @@ class _ShardList:
             raise ValueError(f"source {source!r} has no shards")
         self.urls, self.source, self.shuffle, self.repeat, self.seed = list(urls), source, shuffle, repeat, seed
 
-    def __iter__(self) -> Iterator[dict]:
+    @staticmethod
+    def _mine(order: list[str]) -> list[str]:
+        return list(wds.split_by_worker(wds.split_by_node(order)))
+
+    def passes(self) -> Iterator[list[str]]:
+        """This node and worker's shards, one list per pass (epoch); one pass unless ``repeat``."""
         rank, world_size, worker, num_workers = _node_and_worker()
         need = world_size * num_workers
         if len(self.urls) < need:
@@ -357,11 +391,14 @@ class _ShardList:
             order = list(self.urls)
             if self.shuffle:  # the same order on every node and worker, so the split is a partition
                 random.Random(self.seed * 100_003 + epoch).shuffle(order)
-            for url in wds.split_by_worker(wds.split_by_node(order)):
-                yield {"url": url}
+            yield self._mine(order)
             epoch += 1
             if not self.repeat:
                 return
+
+    def reachable(self) -> set[str]:
+        """The shards this node and worker can ever be given: all (reshuffled every pass) or its fixed part."""
+        return set(self.urls) if self.shuffle else set(self._mine(list(self.urls)))
 
 
 def _shuffle(src: Iterable, bufsize: int, seed: int) -> Iterator:
@@ -375,6 +412,42 @@ def _shuffle(src: Iterable, bufsize: int, seed: int) -> Iterator:
             yield buf.pop()
     rng.shuffle(buf)
     yield from buf
+
+
+class _EndMarkedTarInfo(tarfile.TarInfo):
+    """Notes on its TarFile when the end-of-archive block is read. Reading a stream (``r|*``), Python's
+    tarfile stops quietly at a member header cut short by truncation, just as at the real end; this
+    tells the two apart."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.end_of_archive_read = True
+            raise
+
+
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's own members (``__key__`` ...): not data
+
+
+def tar_members(fileobj, url: str) -> Iterator[dict]:
+    """The regular members of a tar stream (plain or compressed, read once front to back), as
+    webdataset's ``tar_file_iterator`` gives them: ``{"fname", "data", "__url__"}``.
+
+    Raises ``tarfile.ReadError`` where the archive stops before its end-of-archive block: a truncated
+    shard, which tarfile itself would end quietly when the cut falls in a member header.
+    """
+    tar = tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_EndMarkedTarInfo)
+    for info in tar:
+        if info.isreg() and not _META_MEMBER.match(info.name):
+            yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+        tar.members = []  # a stream: keep no list of every member read
+    if not getattr(tar, "end_of_archive_read", False):
+        raise tarfile.ReadError(
+            f"{url} stops after {tar.offset} bytes without an end-of-archive block (truncated?): "
+            "its last members are lost; rewrite or re-download the shard"
+        )
 
 
 class SkipCounter:
@@ -412,8 +485,63 @@ def skip_tensor_to_dict(counts: torch.Tensor) -> dict[str, int]:
     return {r: int(n) for r, n in zip(SKIP_REASONS, totals) if n}
 
 
+class _DryShards:
+    """The shards a stream has read to their end since it last delivered a sample, with no usable sample
+    in them. Once every shard it can read is among them, a repeating stream would spin for ever.
+
+    Counted per read of a shard: a read is settled when it has ended and each of its samples has come
+    out of the shuffle buffer and been tried; a read that delivered nothing makes its shard dry, and
+    any delivered sample makes every shard wet again (so a shard with one good sample never stops a run).
+    """
+
+    def __init__(self, reachable: set[str]):
+        self.reachable = reachable
+        self.reads: dict[int, dict] = {}  # open reads: url, samples read, not yet tried, ended, delivered
+        self.dry: dict[str, int] = {}  # url -> samples its last read held
+        self._ids = 0
+
+    def start(self, url: str) -> int:
+        self._ids += 1
+        self.reads[self._ids] = {"url": url, "read": 0, "untried": 0, "ended": False, "delivered": False}
+        return self._ids
+
+    def read(self, rid: int) -> None:
+        self.reads[rid]["read"] += 1
+        self.reads[rid]["untried"] += 1
+
+    def end(self, rid: int) -> bool:
+        self.reads[rid]["ended"] = True
+        return self._settle(rid)
+
+    def tried(self, rid: int, delivered: bool) -> bool:
+        self.reads[rid]["untried"] -= 1
+        if delivered:
+            self.reads[rid]["delivered"] = True
+            self.dry.clear()
+        return self._settle(rid)
+
+    def _settle(self, rid: int) -> bool:
+        """True when this settles the last shard that could still deliver: the stream is starved."""
+        r = self.reads[rid]
+        if not r["ended"] or r["untried"]:
+            return False
+        del self.reads[rid]
+        if not r["delivered"]:
+            self.dry[r["url"]] = r["read"]
+        return not r["delivered"] and self.reachable.issubset(self.dry)
+
+
 class SourceStream(IterableDataset):
-    """One source's samples as fixed-shape dicts: shards -> tar members -> decode -> tokenise."""
+    """One source's samples as fixed-shape dicts: shards -> tar members -> decode -> tokenise.
+
+    A repeating (training) stream never spins without delivering. It raises a RuntimeError naming the
+    source, its shards, the skip reasons and the fix when every shard it can read has been read to its
+    end since its last delivered sample with no usable sample in it (empty, missing, unreadable, or
+    every sample skipped); and, given ``max_skip_share``, when ``skip_min_samples`` samples in a row
+    were skipped while this process's skipped share is above it. The training process applies that
+    threshold to the delivered batches (:class:`~flamingo_lab.data.mixture.SkipTally`); a stream that
+    delivers nothing never reaches it there, so it checks here too.
+    """
 
     def __init__(
         self,
@@ -425,27 +553,108 @@ class SourceStream(IterableDataset):
         repeat: bool,
         seed: int = 0,
         shuffle_buffer: int = 500,
+        max_skip_share: float | None = None,
+        skip_min_samples: int = 200,
     ):
         self.source, self.tokenise = source, tokenise
         self.shards = _ShardList(urls, source=source, shuffle=shuffle, repeat=repeat, seed=seed)
-        self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, shuffle_buffer
+        self.shuffle, self.repeat, self.seed, self.shuffle_buffer = shuffle, repeat, seed, shuffle_buffer
+        self.max_skip_share, self.skip_min_samples = max_skip_share, skip_min_samples
         self.skipped = SkipCounter(source)
+        self.delivered = 0  # samples this process's stream has yielded
 
-    def _handler(self, exn: BaseException) -> bool:
-        self.skipped.skip(f"a tar member or shard ({exn.args[-1:]})", exn, "corrupt_tar")
-        return True  # keep going
+    # -- skips --------------------------------------------------------------------------------
+
+    def _skip(self, what: str, exn: BaseException, reason: str | None = None) -> None:
+        self.skipped.skip(what, exn, reason)
+        self._check_skip_share()
+
+    def _check_skip_share(self) -> None:
+        if self.max_skip_share is None:
+            return
+        in_a_row = sum(self.skipped.pending.values())  # skipped since the last delivered sample
+        bad = self.skipped.count
+        share = bad / (bad + self.delivered)
+        if in_a_row >= self.skip_min_samples and share > self.max_skip_share:
+            rank, _, worker, _ = _node_and_worker()
+            raise RuntimeError(
+                f"source {self.source!r}: {in_a_row} samples skipped in a row with none delivered ({bad} of "
+                f"{bad + self.delivered} skipped in rank {rank} worker {worker}, {share:.1%}), more than "
+                f"data.max_skip_share={self.max_skip_share:.1%}; reasons {dict(self.skipped.by_reason)}. Fix or "
+                f"drop its shards (the warnings above name them), leave the source out with "
+                f"data.sources.{self.source}=null, or raise data.max_skip_share"
+            )
+
+    def _starved(self, dry: dict[str, int], reachable: set[str]) -> RuntimeError:
+        n = len(set(self.shards.urls))
+        shards = f"its {n} shard{'s' if n > 1 else ''}"
+        if len(reachable) < n:  # a fixed part per worker (an unshuffled repeating stream)
+            shards = f"the {len(reachable)} of its {n} shards that this worker reads"
+        reasons = dict(self.skipped.by_reason)
+        fix = (f"repair or rewrite the shards (the warnings above name them), or leave the source out with "
+               f"data.sources.{self.source}=null")
+        if not any(dry.values()):
+            return RuntimeError(
+                f"source {self.source!r}: {shards} hold{'s' if shards.endswith('shard') else ''} no samples at all "
+                f"(each is empty, missing or unreadable; skipped so far: {reasons}), so its training stream can "
+                f"never deliver a batch: {fix}"
+            )
+        return RuntimeError(
+            f"source {self.source!r}: every one of the {sum(dry.values())} samples in {shards} was skipped "
+            f"(skipped so far, re-reading them: {reasons}), so its training stream can never deliver a batch: {fix}"
+        )
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _member_error(self, url: str, exn: BaseException) -> bool:
+        self.skipped.skip(f"a member of shard {url}", exn, "corrupt_tar")
+        return True  # keep the rest of the shard
+
+    def _read(self, url: str) -> Iterator[dict]:
+        """The samples of one shard (members grouped by key, suffixes lower-cased, as webdataset does).
+        A shard that cannot be opened or stops before its end counts as ``corrupt_tar``; the sample it
+        stops in is dropped with the rest (no later member says that it was complete)."""
+        try:
+            stream = wds.gopen(url)
+        except Exception as exn:  # noqa: BLE001 - missing file, failed download ...
+            self._skip(f"shard {url}", exn, "corrupt_tar")
+            return
+        try:
+            members = tar_members(stream, url)
+            yield from wds.tariterators.group_by_keys(members, handler=lambda exn: self._member_error(url, exn))
+        except Exception as exn:  # noqa: BLE001 - truncated or corrupt archive
+            self._skip(f"the rest of shard {url}", exn, "corrupt_tar")
+        finally:
+            stream.close()
 
     def __iter__(self) -> Iterator[dict]:
-        raw: Iterable[dict] = wds.tariterators.tarfile_samples(iter(self.shards), handler=self._handler)
+        reachable = self.shards.reachable()
+        dry = _DryShards(reachable)
+
+        def raw() -> Iterator[tuple[int, dict]]:
+            for urls in self.shards.passes():
+                for url in urls:
+                    rid = dry.start(url)
+                    for sample in self._read(url):
+                        dry.read(rid)
+                        yield rid, sample
+                    if dry.end(rid) and self.repeat:
+                        raise self._starved(dry.dry, reachable)
+
+        items: Iterable[tuple[int, dict]] = raw()
         if self.shuffle:
-            raw = _shuffle(raw, self.shuffle_buffer, self.seed)
-        for sample in raw:
+            items = _shuffle(items, self.shuffle_buffer, self.seed)
+        for rid, sample in items:
             key = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
             try:
                 out = self.tokenise(decode_sample(sample), self.source)
             except Exception as exn:  # noqa: BLE001 - any bad sample is skipped and counted
-                self.skipped.skip(f"sample {key}", exn)
+                self._skip(f"sample {key}", exn)
+                if dry.tried(rid, delivered=False) and self.repeat:
+                    raise self._starved(dry.dry, reachable) from None
                 continue
+            dry.tried(rid, delivered=True)
+            self.delivered += 1
             out["__key__"] = sample.get("__key__", "")
             out["skipped"] = self.skipped.take_pending()
             yield out
@@ -511,14 +720,18 @@ def _check_shards(shards: dict[str, list[str]]) -> None:
 
 
 def make_source_stream(urls: list[str], tokenizer, *, source: str, train: bool, seed: int = 0,
-                       shuffle_buffer: int = 500, **shape) -> SourceStream:
+                       shuffle_buffer: int = 500, max_skip_share: float | None = None, skip_min_samples: int = 200,
+                       **shape) -> SourceStream:
     """One source's stream: infinite and shuffled (``train``) or every sample once, in order.
 
     ``shape``: seq_len, max_images, image_size and optionally frames, frame_stride, max_doc_images.
+    ``max_skip_share`` / ``skip_min_samples``: data.max_skip_share / data.skip_min_samples, checked in the
+    stream while it delivers nothing (see :class:`SourceStream`).
     """
     _check_shards({source: urls})
     return SourceStream(list(urls), Tokenise(tokenizer, **shape), source=source, shuffle=train, repeat=train,
-                        seed=seed, shuffle_buffer=shuffle_buffer)
+                        seed=seed, shuffle_buffer=shuffle_buffer, max_skip_share=max_skip_share,
+                        skip_min_samples=skip_min_samples)
 
 
 def make_train_dataset(

@@ -7,13 +7,15 @@ source per step in turn. Validation: the sources' finite loaders interleaved bat
 (``data.val_batches`` batches in all).
 
 Skipped samples are counted per source and per reason from the batches (the counts made in
-DataLoader workers travel with them): :meth:`FlamingoDataModule.skip_counts` returns them for
-results.json, and a source that skips more than ``data.max_skip_share`` of its samples stops the run.
+DataLoader workers travel with them), in training and in each validation pass:
+:meth:`FlamingoDataModule.skip_counts` returns them for results.json, and a training source that skips
+more than ``data.max_skip_share`` of its samples stops the run (checked on the delivered batches here,
+and in the stream itself while it delivers nothing; a source with no usable sample stops it too).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import CombinedLoader
@@ -33,6 +35,17 @@ def worker_context():
     return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
+class _Passes:
+    """``batches`` as an iterable that calls ``on_start`` each time a pass over it begins."""
+
+    def __init__(self, batches: Iterable, on_start: Callable[[], None]):
+        self.batches, self.on_start = batches, on_start
+
+    def __iter__(self) -> Iterator:  # a generator: Lightning calls iter() once just to check, and never steps it
+        self.on_start()
+        yield from self.batches
+
+
 class FlamingoDataModule(pl.LightningDataModule):
     """Per-source training loaders (infinite, seeded) and a finite validation pass, all at fixed shapes.
 
@@ -49,6 +62,8 @@ class FlamingoDataModule(pl.LightningDataModule):
         self.tokenizer = None
         self.world = None
         self.tally = SkipTally(self.specs, self.data.get("max_skip_share"), int(self.data.get("skip_min_samples", 200)))
+        self.val_tally = SkipTally(self.specs)  # the latest validation pass (counted, never stops the run)
+        self.val_passes = 0
 
     # -- what other parts read --------------------------------------------------------------
 
@@ -62,10 +77,14 @@ class FlamingoDataModule(pl.LightningDataModule):
         return len(self.specs) if self.mode == "round_robin" else 1
 
     def skip_counts(self) -> dict:
-        """Training samples delivered and skipped, per source and per reason (this process), for results.json:
+        """Samples delivered and skipped, per source and per reason (this process), for results.json: training's
         ``{"per_source": {src: {"seen", "skipped": {reason: n}, "skipped_total", "share"}}, "skipped_total",
-        "seen_total", "max_share"}``."""
-        return self.tally.as_dict()
+        "seen_total", "max_share"}`` and under ``"val"`` the same for the latest validation pass, with
+        ``"passes"`` (validation passes run). Skips reach this process with the samples that follow them: those
+        after a worker's last sample, or in a batch ``drop_last`` leaves out, are not counted."""
+        val = self.val_tally.as_dict()
+        del val["max_share"]
+        return {**self.tally.as_dict(), "val": {**val, "passes": self.val_passes}}
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -87,9 +106,11 @@ class FlamingoDataModule(pl.LightningDataModule):
     def _stream(self, source: str, urls: list[str], train: bool, seed: int = 0):
         spec = self.specs[source]
         shape = {k: spec[k] for k in ("seq_len", "max_images", "frames", "frame_stride", "max_doc_images")}
+        # training streams also check the skip share themselves, for a source that delivers nothing
+        guard = {"max_skip_share": self.tally.max_share, "skip_min_samples": self.tally.min_samples} if train else {}
         return make_source_stream(urls, self.tokenizer, source=source, train=train, seed=seed,
                                   image_size=int(self.cfg["model"]["vision"]["image_size"]),
-                                  shuffle_buffer=int(self.data.get("shuffle_buffer", 500)), **shape)
+                                  shuffle_buffer=int(self.data.get("shuffle_buffer", 500)), **guard, **shape)
 
     def _loader(self, dataset, batch_size: int, persistent: bool) -> DataLoader:
         workers = int(self.data["num_workers"])
@@ -120,21 +141,28 @@ class FlamingoDataModule(pl.LightningDataModule):
 
     def val_dataloader(self):
         shards = self._shards("val")
-        return Interleave({s: self._loader(self._stream(s, shards[s], False), self.specs[s]["batch_size"], False)
-                           for s in self.specs})
+        batches = Interleave({s: self._loader(self._stream(s, shards[s], False), self.specs[s]["batch_size"], False)
+                              for s in self.specs})
+        return _Passes(batches, self._start_validation_pass)
+
+    def _start_validation_pass(self) -> None:
+        self.val_tally = SkipTally(self.specs)
+        self.val_passes += 1
 
     # -- skip accounting --------------------------------------------------------------------
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         training = self.trainer is not None and self.trainer.training
+        tally = self.tally if training else self.val_tally
         if isinstance(batch, dict) and "input_ids" not in batch:  # {source: batch}
             for source, b in batch.items():
-                if training:
-                    self.tally.add(source, b)
-                else:
-                    b.pop("skipped", None)
+                tally.add(source, b)
             if training:
                 self.tally.check()
-        elif isinstance(batch, dict):
-            batch.pop("skipped", None)
+        elif isinstance(batch, dict):  # one source's batch (validation interleaves them)
+            source = batch.get("source")
+            if isinstance(source, (list, tuple)) and source:
+                tally.add(source[0], batch)
+            else:
+                batch.pop("skipped", None)
         return batch
