@@ -326,6 +326,11 @@ def test_a_world_rewritten_with_other_settings_trains_its_runs_again(small_cfg, 
     tasks["coco"]["counts"]["test"] = 6
     _write_manifest(tmp_path / "world", format="flamingo-lab-tasks/1", tasks=tasks)
     assert run_mod.config_key(small_cfg) != imported
+    # a hand-written manifest of real training shards: another shard list is other data
+    _write_manifest(tmp_path / "world", shards={"train": {"m3w": ["a.tar"]}, "val": {"m3w": ["v.tar"]}})
+    real = run_mod.config_key(small_cfg)
+    _write_manifest(tmp_path / "world", shards={"train": {"m3w": ["a.tar", "b.tar"]}, "val": {"m3w": ["v.tar"]}})
+    assert run_mod.config_key(small_cfg) != real
 
 
 def test_the_sweep_refuses_a_world_written_with_other_settings_than_its_own(tmp_path):

@@ -19,7 +19,7 @@ def main(cfg: DictConfig) -> float | None:
 
     content = evaluate_checkpoint(
         cfg.checkpoint, OmegaConf.to_container(cfg.eval, resolve=True), HydraConfig.get().runtime.output_dir,
-        data_root=cfg.data_root, progress=bool(cfg.progress),
+        data_root=cfg.data_root, progress=bool(cfg.progress), vision_cache_mib=cfg.get("vision_cache_mib"),
     )
     return content["eval"]["overall_score"]
 

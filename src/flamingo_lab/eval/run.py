@@ -35,10 +35,20 @@ def load_model(checkpoint: str | Path):
 
 
 def evaluate_checkpoint(checkpoint: str | Path, eval_cfg: Mapping, out_dir: str | Path, *,
-                        data_root: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+                        data_root: str | Path | None = None, progress: bool = True,
+                        vision_cache_mib: int | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint; ``vision_cache_mib`` (None: the run's own ``model.vision.cache_mib``) sets the
+    frozen encoder's feature cache, which serves the support images every prompt repeats."""
     started = time.perf_counter()
     ckpt = resolve_checkpoint(checkpoint)
     model, run_cfg = load_model(ckpt)
+    if vision_cache_mib is not None:
+        from flamingo_lab.models.vision import FeatureCache
+
+        if isinstance(vision_cache_mib, bool) or not isinstance(vision_cache_mib, int) or vision_cache_mib < 0:
+            raise ValueError(f"vision_cache_mib must be a whole number of MiB >= 0 (0: no feature cache; null: "
+                             f"the run's own model.vision.cache_mib); got {vision_cache_mib!r}")
+        model.vision.cache = FeatureCache(vision_cache_mib * 2**20) if vision_cache_mib else None
     root = data_root or run_cfg.get("data", {}).get("root")
     if root is None:
         raise ValueError("the checkpoint's config has no data.root: pass data_root=<world or imported folder>")
@@ -53,6 +63,7 @@ def evaluate_checkpoint(checkpoint: str | Path, eval_cfg: Mapping, out_dir: str 
         "eval": result,
         "metrics": result["metrics"],
         "wall_time_s": time.perf_counter() - started,
+        "vision_cache": model.vision.cache.stats() if model.vision.cache is not None else None,
         "config": {"eval": dict(eval_cfg), "run": run_cfg},
     }
     tmp = out_dir / "results.json.tmp"

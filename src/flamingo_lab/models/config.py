@@ -103,9 +103,14 @@ class VisionConfig:
     image_size: int = 32  # paper: 320 px (288 in contrastive pretraining); tiny: 32 px
     timm_kwargs: dict = field(default_factory=dict)  # merged over the registry's kwargs
     checkpoint: str | None = None  # local weights file (.pt/.pth/.bin/.safetensors); never downloaded
+    # In-process cache of the frozen encoder's tokens by frame content, in MiB (0: off); models/vision.py
+    cache_mib: int = 0
 
     def __post_init__(self):
         _check_positive_int("vision.image_size", self.image_size)
+        if isinstance(self.cache_mib, bool) or not isinstance(self.cache_mib, int) or self.cache_mib < 0:
+            raise ValueError(f"vision.cache_mib must be a whole number of MiB >= 0 (0 turns the feature cache "
+                             f"off); got {self.cache_mib!r}")
         _check_choice("vision.size", self.size, VISION_SIZES)
         if not isinstance(self.timm_kwargs, dict):
             raise ValueError(f"vision.timm_kwargs must be a dict of timm.create_model kwargs; got {self.timm_kwargs!r}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+from collections import OrderedDict
 from pathlib import Path
 
 import timm
@@ -139,6 +141,79 @@ def _resample_pos_embed(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[s
     return {**sd, "pos_embed": new}
 
 
+class FeatureCache:
+    """The frozen encoder's tokens for each frame it has seen, found by the frame's content.
+
+    A frame's key is a BLAKE2b digest of its pixel bytes, shape and dtype, so a hit is the same image
+    whatever sample, slot, step or prompt it comes from, and any change to a frame is a miss, never a stale
+    answer. Frames that repeat within one call (the zero frames of empty image slots, a support image
+    shown in several prompts) are encoded once. Beyond ``max_bytes`` the least recently used entries go.
+    Entries live on the device the encoder computed them on. The encoder must be frozen and deterministic,
+    which :class:`VisionEncoder` always is (no gradient, always in eval mode).
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self._store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.repeats = self.misses = self.evictions = 0
+
+    @staticmethod
+    def keys(frames: torch.Tensor) -> list[bytes]:
+        """One digest per frame of ``(M, C, H, W)``: its bytes, with its shape and dtype."""
+        x = frames.detach().to("cpu").contiguous()
+        head = f"{tuple(x.shape[1:])}|{x.dtype}".encode()
+        rows = x.reshape(len(x), -1).view(torch.uint8).numpy()  # (M, bytes per frame)
+        keys = []
+        for row in rows:
+            h = hashlib.blake2b(head, digest_size=16)
+            h.update(row)  # the row's buffer, not a copy
+            keys.append(h.digest())
+        return keys
+
+    def encode(self, frames: torch.Tensor, encoder) -> torch.Tensor:
+        """``encoder(frames)`` ``(M, N, D)``, computed only for the frames not in the cache (once each)."""
+        keys = self.keys(frames)
+        found: dict[bytes, torch.Tensor] = {}
+        todo: dict[bytes, int] = {}  # key -> index of its first frame in this call
+        for i, key in enumerate(keys):
+            if key in found or key in todo:
+                self.repeats += 1
+            elif key in self._store:
+                found[key] = self._store[key]
+                self._store.move_to_end(key)
+                self.hits += 1
+            else:
+                todo[key] = i
+        if todo:
+            new = encoder(frames[list(todo.values())])  # (misses, N, D)
+            self.misses += len(todo)
+            for key, tokens in zip(todo, new):
+                found[key] = tokens.clone()  # its own storage, not a view of the batch
+                self._put(key, found[key])
+        return torch.stack([found[key] for key in keys])  # (M, N, D)
+
+    def _put(self, key: bytes, tokens: torch.Tensor) -> None:
+        size = tokens.numel() * tokens.element_size()
+        if size > self.max_bytes:
+            return
+        self._store[key] = tokens
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._store.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+            self.evictions += 1
+
+    def stats(self) -> dict:
+        """Frames served from the cache (``hits``), repeated within a call (``repeats``), encoded
+        (``misses``); entries dropped; what it holds."""
+        seen = self.hits + self.repeats + self.misses
+        return {"frames": seen, "hits": self.hits, "repeats": self.repeats, "misses": self.misses,
+                "saved_share": round((self.hits + self.repeats) / seen, 4) if seen else None,
+                "evictions": self.evictions, "entries": len(self._store), "mib": round(self.bytes / 2**20, 2),
+                "max_mib": round(self.max_bytes / 2**20, 2)}
+
+
 class VisionEncoder(nn.Module):
     """Frozen timm backbone. ``(B, T_img, F, C, H, W)`` -> ``(B, T_img, F, N, D_v)``."""
 
@@ -155,6 +230,7 @@ class VisionEncoder(nn.Module):
         with torch.no_grad():
             tokens = self._tokens(probe)  # (1, N, D_v)
         self.num_tokens, self.dim = tokens.shape[1], tokens.shape[2]
+        self.cache = FeatureCache(cfg.cache_mib * 2**20) if cfg.cache_mib else None
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: always eval (no dropout, fixed norm statistics)
@@ -174,5 +250,5 @@ class VisionEncoder(nn.Module):
             raise ValueError(f"images must be (B, T_img, F, C, H, W); got shape {tuple(images.shape)}")
         B, T, F = images.shape[:3]
         x = images.flatten(0, 2)  # (B*T_img*F, C, H, W)
-        x = self._tokens(x)  # (B*T_img*F, N, D_v)
+        x = self._tokens(x) if self.cache is None else self.cache.encode(x, self._tokens)  # (B*T_img*F, N, D_v)
         return x.reshape(B, T, F, *x.shape[1:])  # (B, T_img, F, N, D_v)

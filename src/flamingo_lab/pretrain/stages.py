@@ -89,6 +89,7 @@ def _vision_stage(cfg: DictConfig, world: dict, progress: bool) -> dict[str, Any
 
     vision_cfg = OmegaConf.to_container(vision, resolve=True)
     vision_cfg.pop("checkpoint", None)
+    vision_cfg.pop("cache_mib", None)  # the trained Flamingo's feature cache: not the stage's weights
     settings = OmegaConf.to_container(cfg.pretrain.vision, resolve=True)
     settings.pop("enabled", None)
     key_cfg = {"vision": vision_cfg, "settings": settings}

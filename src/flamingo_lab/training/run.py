@@ -70,13 +70,13 @@ KEY_IGNORED = ("force", "resume", "logger")
 #: Settings added after runs were made, at the value that computes what those runs computed (the key did not
 #: exist then): left out of the config key at that value, so a complete run made before the setting existed
 #: still counts (as world.BACKWARD_DEFAULTS does for the world).
-KEY_BACKWARD_DEFAULTS = {"model.resampler.spatial_emb": False}
+KEY_BACKWARD_DEFAULTS = {"model.resampler.spatial_emb": False, "model.vision.cache_mib": 0}
 
 
 def data_fingerprint(root: str | Path) -> str | None:
     """The identity of the data at ``root``: a world's :func:`~flamingo_lab.pretrain.cache.world_fingerprint`
-    (its generating config and format), or for a ``flamingo-import`` folder a hash of its tasks (their
-    kinds, metrics, shards and counts); None where ``root`` holds no finished manifest yet.
+    (its generating config and format), or for a ``flamingo-import`` folder or a manifest of real shards a
+    hash of its tasks (their kinds, metrics, shards and counts) and its training shard lists; None where ``root`` holds no finished manifest yet.
 
     The train config names the data only by its folder: a world rewritten in place with other settings
     (``flamingo-data world.position_words=...``) must not let the runs made on the old one count as done.
@@ -94,6 +94,8 @@ def data_fingerprint(root: str | Path) -> str | None:
     if "config" in manifest:
         return world_fingerprint(manifest)
     blob = {"format": manifest.get("format"), "tasks": manifest.get("tasks")}
+    if "shards" in manifest:  # a hand-written manifest of real training shards: which shards it trains on
+        blob["shards"] = manifest["shards"]
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -286,6 +288,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, ckpt_dir))
     wall = time.perf_counter() - started
+    cache = module.model.vision.cache
+    cache_after_training = cache.stats() if cache is not None else None
 
     results = {
         "status": "complete",
@@ -309,6 +313,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         evaluation = evaluate_at_end(module.model, cfg, run_dir)
+        if cache is not None:  # model.vision.cache_mib: frames served from the cache, in training and in all
+            results["vision_cache"] = {"training": cache_after_training, "with_evaluation": cache.stats()}
+            log.info("vision feature cache: %s", json.dumps(results["vision_cache"]))
         if evaluation is not None:
             results["eval"] = evaluation
             results["metrics"] = evaluation["metrics"]
