@@ -243,3 +243,27 @@ def test_a_damaged_task_shard_names_the_shard_and_sample_and_the_fix(tmp_path):
         w.write({"__key__": "coco-test-7", "0.png": b"not a png", "json": json.dumps({"id": "7"}).encode()})
     with pytest.raises(ValueError, match=rf"{shard}:coco-test-7 cannot be read \(bad_image.*flamingo-import"):
         read_items([str(shard)], 1)
+
+
+def test_a_task_shard_cut_short_is_an_error_not_fewer_items(tmp_path):
+    """A task shard truncated inside a member header: tarfile alone ends it quietly, so the task would be scored
+    on fewer items; reading it raises, naming the shard and the fix."""
+    import webdataset as wds
+
+    from flamingo_lab.eval.tasks import read_items
+
+    shard = tmp_path / "test-000000.tar"
+    with wds.TarWriter(str(shard), encoder=False) as w:
+        for i in range(3):
+            w.write({"__key__": f"coco-test-{i}", "txt": f"caption {i}".encode(), "json": json.dumps({"id": str(i)}).encode()})
+    items = read_items([str(shard)], 0)
+    assert [it.id for it in items] == ["0", "1", "2"]
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        cut = tar.getmembers()[4].offset + 100  # samples 0 and 1 whole (2 members each), sample 2's header cut
+    shard.write_bytes(shard.read_bytes()[:cut])
+    with pytest.raises(ValueError, match=rf"a task shard is damaged \({shard} stops after .*flamingo-import"):
+        read_items([str(shard)], 0)
+    assert [it.id for it in read_items([str(shard)], 0, limit=1)] == ["0"]  # what it reads before the cut is fine
+

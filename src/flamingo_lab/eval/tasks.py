@@ -19,6 +19,7 @@ sample that cannot be decoded raises, naming its shard and key.
 from __future__ import annotations
 
 import json
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
-from flamingo_lab.data.shards import SkipSample, decode_sample
+from flamingo_lab.data.shards import SkipSample, decode_sample, tar_members
 
 MANIFEST_NAMES = ("world.json", "tasks.json", "manifest.json")
 KINDS = ("caption", "vqa", "video_qa", "video_caption")
@@ -115,29 +116,45 @@ def is_embedded_world(root: str | Path) -> bool:
     return "shards" in manifest or str(manifest.get("format", "")).startswith("flamingo-lab-world")
 
 
+def _raw_samples(shards: list[str]):
+    """The shards' samples in order; a shard cut short raises (tarfile alone would end it quietly where the
+    cut falls in a member header, and the task would silently be scored on fewer items)."""
+    for url in shards:
+        with open(url, "rb") as f:
+            yield from wds.tariterators.group_by_keys(tar_members(f, url))
+
+
 def read_items(shards: list[str], frames: int, limit: int | None = None) -> list[Item]:
     """The samples of ``shards`` in order (at most ``limit``), decoded explicitly."""
     items: list[Item] = []
-    raw_iter = wds.tariterators.tarfile_samples(iter([{"url": s} for s in shards]))
-    for raw in raw_iter:
-        if limit is not None and len(items) >= limit:
-            break
-        where = f"{raw.get('__url__')}:{raw.get('__key__')}"  # shard:sample
-        try:
-            sample = decode_sample(raw)
-        except SkipSample as exn:  # a task sample is never skipped: the scores would silently cover fewer items
-            raise ValueError(f"task sample {where} cannot be read ({exn.reason}: {exn}): its shard is damaged; "
-                             f"{REWRITE}") from exn
-        meta = sample.get("json") or {}
-        images = [sample[f"{f}.png"] for f in range(frames) if f"{f}.png" in sample]
-        if not images:  # a still saved under another image name (jpg, png)
-            images = [sample[k] for k in sorted(sample) if k.rsplit(".", 1)[-1] in ("png", "jpg", "jpeg")][:1]
-        if len(images) != frames:
-            raise ValueError(f"task sample {where} has {len(images)} frames; the task says {frames}: {REWRITE}")
-        captions = meta.get("captions") or ([sample["txt"]] if "txt" in sample else [])
-        items.append(Item(
-            id=str(meta.get("id", sample.get("__key__"))), images=images, question=meta.get("question"),
-            answers=list(meta.get("answers") or []), captions=list(captions), episode=meta.get("episode"),
-            meta={k: v for k, v in meta.items() if k not in ("question", "answers", "captions")},
-        ))
+    try:
+        if limit is not None and limit <= 0:
+            return items
+        for raw in _raw_samples(shards):
+            items.append(_item(raw, frames))
+            if limit is not None and len(items) >= limit:
+                break  # before reading on: what lies past the items asked for is not read
+    except tarfile.ReadError as exn:
+        raise ValueError(f"a task shard is damaged ({exn}): {REWRITE}") from exn
     return items
+
+
+def _item(raw: dict, frames: int) -> Item:
+    where = f"{raw.get('__url__')}:{raw.get('__key__')}"  # shard:sample
+    try:
+        sample = decode_sample(raw)
+    except SkipSample as exn:  # a task sample is never skipped: the scores would silently cover fewer items
+        raise ValueError(f"task sample {where} cannot be read ({exn.reason}: {exn}): its shard is damaged; "
+                         f"{REWRITE}") from exn
+    meta = sample.get("json") or {}
+    images = [sample[f"{f}.png"] for f in range(frames) if f"{f}.png" in sample]
+    if not images:  # a still saved under another image name (jpg, png)
+        images = [sample[k] for k in sorted(sample) if k.rsplit(".", 1)[-1] in ("png", "jpg", "jpeg")][:1]
+    if len(images) != frames:
+        raise ValueError(f"task sample {where} has {len(images)} frames; the task says {frames}: {REWRITE}")
+    captions = meta.get("captions") or ([sample["txt"]] if "txt" in sample else [])
+    return Item(
+        id=str(meta.get("id", sample.get("__key__"))), images=images, question=meta.get("question"),
+        answers=list(meta.get("answers") or []), captions=list(captions), episode=meta.get("episode"),
+        meta={k: v for k, v in meta.items() if k not in ("question", "answers", "captions")},
+    )
