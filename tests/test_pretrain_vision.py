@@ -137,3 +137,43 @@ def test_stage_is_cached_and_points_the_config_at_its_checkpoint(tiny_world_dir,
     assert not second["built_now"] and len(calls) == 1  # reused, not rebuilt
     assert cfg.model.vision.checkpoint == checkpoint
     assert second["zero_shot"]["chance"] == first["zero_shot"]["chance"]
+
+
+def test_damaged_pair_shards_are_skipped_counted_and_reported(world, tmp_path, caplog):
+    """A shard cut short (in a member header: tarfile alone ends it quietly) and a pair without its caption
+    are left out, counted per reason in load_pairs and in the stage's report, never silently dropped."""
+    import copy
+    import logging
+    import tarfile
+
+    from transformers import AutoTokenizer
+
+    from flamingo_lab.pretrain.vision import load_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
+    first, second = world["shards"]["train"]["ltip"][:2]
+    whole = load_pairs(world, "train", ["ltip"], tokenizer, 32, 16)
+    with tarfile.open(first) as tar:
+        members = tar.getmembers()
+    cut = tmp_path / "ltip-cut.tar"  # cut 100 bytes into the header of the third pair's first member
+    cut.write_bytes(open(first, "rb").read()[: members[6].offset + 100])
+    lost = len({m.name.split(".")[0] for m in members}) - 1  # the second pair goes with the lost tail (as in training)
+    no_caption = tmp_path / "ltip-nocaption.tar"
+    with tarfile.open(second) as src, tarfile.open(no_caption, "w") as dst:
+        caption = next(m.name for m in src.getmembers() if m.name.endswith(".txt"))  # the first pair's
+        for m in src.getmembers():
+            if m.name != caption:
+                dst.addfile(m, src.extractfile(m))
+    damaged = copy.deepcopy(world)
+    damaged["shards"]["train"]["ltip"] = [str(cut), str(no_caption)] + world["shards"]["train"]["ltip"][2:]
+    with caplog.at_level(logging.WARNING):
+        pairs = load_pairs(damaged, "train", ["ltip"], tokenizer, 32, 16)
+    assert pairs["skipped"] == {"corrupt_tar": 1, "missing_text": 1}
+    assert len(pairs["images"]) == len(whole["images"]) - lost - 1
+    assert whole["skipped"] == {}
+    assert any("ltip-cut.tar" in r.getMessage() and "end-of-archive" in r.getMessage() for r in caplog.records)
+    assert any("2 train pairs skipped" in r.getMessage() and "flamingo-data" in r.getMessage() for r in caplog.records)
+
+    report = pretrain_vision(TINY_VISION, damaged, {**FAST, "steps": 2, "sources": ["ltip"]}, tmp_path,
+                             progress=False)
+    assert report["skipped"]["train"] == {"corrupt_tar": 1, "missing_text": 1} and report["skipped"]["val"] == {}

@@ -39,7 +39,7 @@ import re
 import tarfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -485,6 +485,32 @@ def skip_tensor_to_dict(counts: torch.Tensor) -> dict[str, int]:
     return {r: int(n) for r, n in zip(SKIP_REASONS, totals) if n}
 
 
+def read_shard(url: str, skip: Callable[[str, BaseException, str], None],
+               member_error: Callable[[BaseException], bool] | None = None) -> Iterator[dict]:
+    """The samples of one shard (members grouped by key, suffixes lower-cased, as webdataset does).
+
+    A shard that cannot be opened or stops before its end is reported as ``skip(what, exn, "corrupt_tar")``
+    and read no further; the sample it stops in is dropped with the rest (no later member says that it was
+    complete). ``member_error(exn)`` decides about a member that cannot be grouped (True: go on); by
+    default it is skipped as ``corrupt_tar`` too. Training streams and the vision pretraining stage share
+    this reader, so a truncated shard is found the same way in both."""
+    if member_error is None:
+        def member_error(exn: BaseException) -> bool:
+            skip(f"a member of shard {url}", exn, "corrupt_tar")
+            return True
+    try:
+        stream = wds.gopen(url)
+    except Exception as exn:  # noqa: BLE001 - missing file, failed download ...
+        skip(f"shard {url}", exn, "corrupt_tar")
+        return
+    try:
+        yield from wds.tariterators.group_by_keys(tar_members(stream, url), handler=member_error)
+    except Exception as exn:  # noqa: BLE001 - truncated or corrupt archive
+        skip(f"the rest of shard {url}", exn, "corrupt_tar")
+    finally:
+        stream.close()
+
+
 class _DryShards:
     """The shards a stream has read to their end since it last delivered a sample, with no usable sample
     in them. Once every shard it can read is among them, a repeating stream would spin for ever.
@@ -611,21 +637,7 @@ class SourceStream(IterableDataset):
         return True  # keep the rest of the shard
 
     def _read(self, url: str) -> Iterator[dict]:
-        """The samples of one shard (members grouped by key, suffixes lower-cased, as webdataset does).
-        A shard that cannot be opened or stops before its end counts as ``corrupt_tar``; the sample it
-        stops in is dropped with the rest (no later member says that it was complete)."""
-        try:
-            stream = wds.gopen(url)
-        except Exception as exn:  # noqa: BLE001 - missing file, failed download ...
-            self._skip(f"shard {url}", exn, "corrupt_tar")
-            return
-        try:
-            members = tar_members(stream, url)
-            yield from wds.tariterators.group_by_keys(members, handler=lambda exn: self._member_error(url, exn))
-        except Exception as exn:  # noqa: BLE001 - truncated or corrupt archive
-            self._skip(f"the rest of shard {url}", exn, "corrupt_tar")
-        finally:
-            stream.close()
+        return read_shard(url, self._skip, lambda exn: self._member_error(url, exn))
 
     def __iter__(self) -> Iterator[dict]:
         reachable = self.shards.reachable()

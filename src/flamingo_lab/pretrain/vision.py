@@ -92,28 +92,42 @@ def encode_texts(tokenizer, texts: list[str], text_len: int, drop: set[int] = fr
 
 
 def load_pairs(world: dict, split: str, sources: list[str], tokenizer, image_size: int, text_len: int) -> dict:
-    """Decode the pair shards of ``split`` into images (N, 3, H, W), captions (N, text_len) and targets (N, CELLS, 3)."""
-    import webdataset as wds
+    """Decode the pair shards of ``split`` into images (N, 3, H, W), captions (N, text_len) and targets (N, CELLS, 3).
 
-    from flamingo_lab.data.shards import SkipSample, decode_sample, image_to_tensor
+    Shards are read as training reads them (``shards.read_shard``): a damaged sample, or the rest of a
+    shard cut short, is skipped, counted per reason in ``skipped`` and logged, so the stage's report says
+    what it did not train on; a pair without image, caption or scene counts as bad_image / missing_text /
+    bad_json."""
+    from flamingo_lab.data.shards import SkipCounter, SkipSample, decode_sample, image_to_tensor, read_shard
 
     cfg = world["config"]
+    skipped = SkipCounter(f"{split} pairs")
     images, texts, targets = [], [], []
     for source in sources:
-        urls = world["shards"][split].get(source, [])
-        for raw in wds.tariterators.tarfile_samples([{"url": u} for u in urls]):
-            try:
-                s = decode_sample(raw)
-            except SkipSample as exn:
-                log.warning("vision pretraining: skipped %s (%s)", raw.get("__key__"), exn)
-                continue
-            if "png" not in s or not s.get("txt") or "scene" not in s.get("json", {}):
-                continue
-            images.append(image_to_tensor(s["png"], image_size))
-            texts.append(s["txt"].strip())
-            targets.append(_scene_targets(s["json"]["scene"], cfg["colours"], cfg["shapes"], cfg["sizes"]))
+        for url in world["shards"][split].get(source, []):
+            for raw in read_shard(url, skipped.skip):
+                what = f"sample {url}:{raw.get('__key__')}"
+                try:
+                    s = decode_sample(raw)
+                    if "png" not in s:
+                        raise SkipSample("bad_image", "the pair has no png image")
+                    if not s.get("txt"):
+                        raise SkipSample("missing_text", "the pair has no caption")
+                    if "scene" not in (s.get("json") or {}):
+                        raise SkipSample("bad_json", "the pair's json has no scene")
+                except SkipSample as exn:
+                    skipped.skip(what, exn)
+                    continue
+                images.append(image_to_tensor(s["png"], image_size))
+                texts.append(s["txt"].strip())
+                targets.append(_scene_targets(s["json"]["scene"], cfg["colours"], cfg["shapes"], cfg["sizes"]))
     if not images:
-        raise ValueError(f"the world at {world['root']} has no {split} image-text pairs in sources {sources}")
+        raise ValueError(f"the world at {world['root']} has no usable {split} image-text pairs in sources {sources}"
+                         f" (skipped: {dict(skipped.by_reason)}); rewrite it with flamingo-data")
+    if skipped.count:
+        log.warning("vision pretraining: %d %s pairs skipped (%s); the stage trains on the %d left. Rewrite the "
+                    "world with flamingo-data to train on all of them", skipped.count, split,
+                    dict(skipped.by_reason), len(images))
     ids, mask = encode_texts(tokenizer, texts, text_len)
     colour_ids = set(tokenizer.convert_tokens_to_ids(list(cfg["colours"])))
     grey_ids, grey_mask = encode_texts(tokenizer, texts, text_len, drop=colour_ids)  # captions for greyscale views
@@ -121,7 +135,7 @@ def load_pairs(world: dict, split: str, sources: list[str], tokenizer, image_siz
     shapeless_ids, shapeless_mask = encode_texts(tokenizer, texts, text_len, drop=shape_ids)  # for scrambled views
     return {"images": torch.stack(images), "ids": ids, "mask": mask, "targets": torch.stack(targets),
             "grey_ids": grey_ids, "grey_mask": grey_mask, "shapeless_ids": shapeless_ids,
-            "shapeless_mask": shapeless_mask}
+            "shapeless_mask": shapeless_mask, "skipped": dict(skipped.by_reason)}
 
 
 def permute_channels(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -455,6 +469,7 @@ def pretrain_vision(vision_cfg: dict, world: dict, settings: dict, out_dir: Path
         "steps": steps,
         "batch_size": batch,
         "n_pairs": {"train": n, "val": len(val["images"])},
+        "skipped": {"train": train["skipped"], "val": val["skipped"]},  # damaged pairs left out, per reason
         "load_seconds": round(load_s, 1),
         "train_seconds": round(train_s, 1),
         "step_ms": round(1000 * train_s / max(steps, 1), 1),
