@@ -389,3 +389,27 @@ def test_table3_data_rows_compose_and_train(row, tiny_world_dir, tmp_path):
     results = train(cfg, tmp_path)
     assert results["steps"] == 4 and results["loss"]["final"] is not None
     assert results["loss"]["val"] is not None
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_validation_skips_after_the_last_sample_and_in_a_short_last_batch_are_counted(tmp_path, tiny_world_dir,
+                                                                                     workers):
+    # shard a: good x3; shard b: good x2, then bad x3. Read by one process, or one shard per worker: a last
+    # batch of 2 holds one sample (not evaluated: fixed shapes), and the skips come after every delivered
+    # sample; both were lost before (drop_last; no sample followed them to carry them)
+    root = _real_root(tmp_path, [])
+    good = {"jpg": _jpg(), "txt": "a red square."}
+    _write(root / "ltip-val-a.tar", [{"__key__": f"a{i}", **good} for i in range(3)])
+    _write(root / "ltip-val-b.tar", [{"__key__": f"b{i}", **(good if i < 2 else {"jpg": _jpg()})} for i in range(5)])
+    (root / "world.json").write_text(json.dumps({"shards": {"train": {"ltip": ["ltip-train-000000.tar"]},
+                                                            "val": {"ltip": ["ltip-val-a.tar", "ltip-val-b.tar"]}}}))
+    dm = _datamodule(root, tiny_world_dir)
+    dm.data["num_workers"] = workers
+    evaluated = []
+    for batch in dm.val_dataloader():
+        batch = dm.on_before_batch_transfer(batch, 0)
+        assert "partial" not in batch and batch["input_ids"].shape[0] == 2  # fixed batch shape
+        evaluated.append(batch)
+    counts = dm.skip_counts()["val"]
+    assert counts["per_source"]["ltip"]["skipped"] == {"missing_text": 3}
+    assert counts["seen_total"] == 4 == 2 * len(evaluated)

@@ -134,10 +134,14 @@ class SkipTally:
         counts = batch.pop("skipped", None)
         self.seen[source] += int(batch["input_ids"].shape[0])
         if counts is not None:
-            totals = counts.reshape(-1, len(SKIP_REASONS)).sum(0).tolist()
-            for reason, n in zip(SKIP_REASONS, totals):
-                if n:
-                    self.skipped.setdefault(source, Counter())[reason] += int(n)
+            self.add_skips(source, counts)
+
+    def add_skips(self, source: str, counts) -> None:
+        """Adds a ``skipped`` tensor (..., R) without delivered samples."""
+        totals = counts.reshape(-1, len(SKIP_REASONS)).sum(0).tolist()
+        for reason, n in zip(SKIP_REASONS, totals):
+            if n:
+                self.skipped.setdefault(source, Counter())[reason] += int(n)
 
     def share(self, source: str) -> float:
         bad = sum(self.skipped[source].values())

@@ -656,6 +656,9 @@ class SourceStream(IterableDataset):
         items: Iterable[tuple[int, dict]] = raw()
         if self.shuffle:
             items = _shuffle(items, self.shuffle_buffer, self.seed)
+        # Each sample is held until the next is ready, so a finite stream's last sample can also carry the
+        # skips after it (none is lost at the end of a validation pass)
+        held = None
         for rid, sample in items:
             key = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
             try:
@@ -669,7 +672,12 @@ class SourceStream(IterableDataset):
             self.delivered += 1
             out["__key__"] = sample.get("__key__", "")
             out["skipped"] = self.skipped.take_pending()
-            yield out
+            if held is not None:
+                yield held
+            held = out
+        if held is not None:
+            held["skipped"] = held["skipped"] + self.skipped.take_pending()
+            yield held
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, default_collate
 
 from flamingo_lab.data.mixture import Interleave, RoundRobin, SkipTally, optimisation, source_specs
 from flamingo_lab.data.shards import load_world, make_source_stream
@@ -36,14 +37,35 @@ def worker_context():
 
 
 class _Passes:
-    """``batches`` as an iterable that calls ``on_start`` each time a pass over it begins."""
+    """``batches`` as an iterable that calls ``on_start`` each time a pass over it begins; a short last batch
+    (:class:`_FullBatchesOrSkips`) goes to ``on_partial`` instead of the pass."""
 
-    def __init__(self, batches: Iterable, on_start: Callable[[], None]):
-        self.batches, self.on_start = batches, on_start
+    def __init__(self, batches: Iterable, on_start: Callable[[], None], on_partial: Callable[[dict], None]):
+        self.batches, self.on_start, self.on_partial = batches, on_start, on_partial
 
     def __iter__(self) -> Iterator:  # a generator: Lightning calls iter() once just to check, and never steps it
         self.on_start()
-        yield from self.batches
+        for batch in self.batches:
+            if isinstance(batch, dict) and "partial" in batch:
+                self.on_partial(batch)
+                continue
+            yield batch
+
+
+class _FullBatchesOrSkips:
+    """``collate_fn`` of the finite (validation) loaders, which keep their last batch: a full batch is collated
+    as usual; a last batch short of ``batch_size`` (``drop_last`` would drop it, with the skip counts its samples
+    carry) becomes ``{"partial": n, "source": [source], "skipped": (n, R)}``: its samples are still left out
+    (fixed shapes), and the counts still reach the tally."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+
+    def __call__(self, samples: list[dict]):
+        if len(samples) == self.batch_size:
+            return default_collate(samples)
+        return {"partial": len(samples), "source": [samples[0].get("source", "data")],
+                "skipped": torch.stack([s["skipped"] for s in samples])}
 
 
 class FlamingoDataModule(pl.LightningDataModule):
@@ -80,8 +102,8 @@ class FlamingoDataModule(pl.LightningDataModule):
         """Samples delivered and skipped, per source and per reason (this process), for results.json: training's
         ``{"per_source": {src: {"seen", "skipped": {reason: n}, "skipped_total", "share"}}, "skipped_total",
         "seen_total", "max_share"}`` and under ``"val"`` the same for the latest validation pass, with
-        ``"passes"`` (validation passes run). Skips reach this process with the samples that follow them: those
-        after a worker's last sample, or in a batch ``drop_last`` leaves out, are not counted."""
+        ``"passes"`` (validation passes run). Skips reach this process with the samples: a finite stream's last
+        sample also carries those after it, and a validation loader's short last batch (not evaluated) its counts."""
         val = self.val_tally.as_dict()
         del val["max_share"]
         return {**self.tally.as_dict(), "val": {**val, "passes": self.val_passes}}
@@ -112,14 +134,16 @@ class FlamingoDataModule(pl.LightningDataModule):
                                   image_size=int(self.cfg["model"]["vision"]["image_size"]),
                                   shuffle_buffer=int(self.data.get("shuffle_buffer", 500)), **guard, **shape)
 
-    def _loader(self, dataset, batch_size: int, persistent: bool) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, persistent: bool, finite: bool = False) -> DataLoader:
         workers = int(self.data["num_workers"])
         return DataLoader(
             dataset,
             batch_size=batch_size,
             num_workers=workers,
             persistent_workers=workers > 0 and persistent,
-            drop_last=True,  # fixed batch shape
+            # fixed batch shape: a finite loader's short last batch carries only its skip counts
+            drop_last=not finite,
+            collate_fn=_FullBatchesOrSkips(batch_size) if finite else None,
             multiprocessing_context=worker_context() if workers > 0 else None,
         )
 
@@ -141,9 +165,10 @@ class FlamingoDataModule(pl.LightningDataModule):
 
     def val_dataloader(self):
         shards = self._shards("val")
-        batches = Interleave({s: self._loader(self._stream(s, shards[s], False), self.specs[s]["batch_size"], False)
-                              for s in self.specs})
-        return _Passes(batches, self._start_validation_pass)
+        batches = Interleave({s: self._loader(self._stream(s, shards[s], False), self.specs[s]["batch_size"], False,
+                                              finite=True) for s in self.specs})
+        return _Passes(batches, self._start_validation_pass,
+                       lambda short: self.val_tally.add_skips(short["source"][0], short["skipped"]))
 
     def _start_validation_pass(self) -> None:
         self.val_tally = SkipTally(self.specs)
