@@ -170,3 +170,35 @@ def test_baseline_breakdown_puts_chance_majority_and_the_text_control_beside_the
     assert plot_eval_curve(runs, tmp_path / "curve.png").stat().st_size > 0
     with pytest.raises(ValueError, match="no complete run of 'no_m3w'"):
         breakdown_table(runs, experiment="no_m3w")
+
+
+def test_table3_never_counts_a_seed_twice_nor_an_unlabelled_file_and_keeps_rows_that_all_failed(tmp_path):
+    import pandas as pd
+
+    from flamingo_lab.analysis.table import load_runs
+
+    _write_run(tmp_path / "b0", "baseline", 0, 60.0)
+    _write_run(tmp_path / "b1", "baseline", 1, 62.0)
+    _write_run(tmp_path / "m0", "no_m3w", 0, 0.0, status="failed")
+    _write_run(tmp_path / "m1", "no_m3w", 1, 0.0, status="failed")
+    (tmp_path / "eval").mkdir()  # a flamingo-eval results.json: no status, no experiment
+    (tmp_path / "eval" / "results.json").write_text(json.dumps({"eval": {"overall_score": 10.0}}))
+    table = table3(load_runs(tmp_path)).set_index("experiment")
+    assert table.loc["baseline", "seeds"] == 2 and table.loc["baseline", "overall"] == pytest.approx(61.0)
+    assert table.loc["no_m3w", "seeds"] == 0 and table.loc["no_m3w", "failed"] == 2  # the row stays, as failed
+    assert "0 (+2 failed)" in to_markdown(table.reset_index())
+
+    _write_run(tmp_path / "copy" / "b1", "baseline", 1, 62.0)  # the same seed twice: a narrower interval
+    with pytest.raises(ValueError, match=r"share an \(experiment, seed\): baseline seed 1 .*flamingo-sweep"):
+        table3(load_runs(tmp_path))
+
+    one = pd.DataFrame([{"experiment": "baseline", "seed": s, "status": "complete", "overall": v}
+                        for s, v in enumerate([50.0, 52.0, None])])
+    assert table3(one).set_index("experiment").loc["baseline", "seeds"] == 2  # seeds behind the Overall
+
+
+def test_identical_seeds_give_no_interval_rather_than_a_zero_wide_one():
+    delta, half = diff_ci([49.99, 49.99], [50.0, 50.0])
+    assert delta == pytest.approx(-0.01) and math.isnan(half)  # before: 0.0, so "CI excludes 0: yes"
+    delta, half = diff_ci([10.0, 11.0, 12.0, None, float("nan")], [1.0, 2.0, 3.0])  # missing values left out
+    assert delta == pytest.approx(9.0) and half == pytest.approx(2.776 * math.sqrt(2 / 3), rel=1e-4)

@@ -491,7 +491,8 @@ def test_smoke_sweep_of_every_row_skips_on_rerun_records_failures_and_renders(tm
     assert not results["no_m3w"]["eval"]["controls"]
     assert "| vqav2 | all |" in (out / "baseline.md").read_text() and "text control" in (out / "baseline.md").read_text()
     table = (out / "table3.md").read_text()
-    assert table.count("\n") == 2 + len(ROW_ORDER)  # header, rule, one line per complete row
+    assert table.count("\n") == 2 + len(ROW_ORDER) + 1  # header, rule, one line per row; the broken row too:
+    assert "| broken | 0 (+1 failed) |" in table  # a row whose every seed failed stays in the table, as failed
 
     mtimes = {row: (out / row / "seed0" / "results.json").stat().st_mtime for row in results}
     proc, again = _sweep(tmp_path, *args)
@@ -584,3 +585,50 @@ def test_progress_lines_count_finished_runs_and_estimate_from_the_rate_after_the
                      "[flamingo-sweep] 2/4 runs finished, 2 min 40 s elapsed, ~2 min 00 s left",
                      "[flamingo-sweep] 3/4 runs finished, 3 min 40 s elapsed, ~1 min 00 s left",
                      "[flamingo-sweep] 4/4 runs finished, 4 min 40 s elapsed"]
+
+
+def test_render_reads_only_the_sweeps_current_runs(tmp_path, capsys):
+    """A sweep folder that still holds an earlier sweep's extra seed, a run complete for an older config and a
+    stray flamingo-eval results.json: Table 3 is made of this sweep's own current runs only (before, every
+    results.json under the folder was read: the extra seed and the stale run were counted, and the eval file,
+    with no status or experiment, became a complete baseline seed)."""
+    import pandas as pd
+
+    import flamingo_lab.sweep as sweep_mod
+    from flamingo_lab.analysis.paper import TASKS
+    from flamingo_lab.config import compose
+    from flamingo_lab.training.run import config_key
+
+    spec = load_sweep(SWEEP, ["rows=[baseline,no_m3w]", "seeds=2", f"out={tmp_path}"])
+
+    def write(row, seed, overall, key=None):
+        key = key or config_key(compose(sweep_mod.job_overrides(spec, row, seed)))
+        folder = tmp_path / row / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({
+            "experiment": row, "status": "complete", "config_key": key, "config": {"seed": seed},
+            "params": {"total": 1000}, "step_time_s": {"median": 0.1}, "loss": {"final": 2.0},
+            "eval": {"scores": {t: {"4": {"metric": "m", "score": overall}} for t in TASKS},
+                     "overall_score": overall, "overall_shots": 4}}))
+
+    write("baseline", 0, 60.0)
+    write("baseline", 1, 62.0)
+    write("baseline", 2, 10.0, key="any")  # an earlier sweep's third seed
+    write("no_m3w", 0, 40.0)
+    write("no_m3w", 1, 90.0, key="an older config")  # complete, for another config
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps({"eval": {"overall_score": 0.0}}))
+
+    paths, stale = sweep_mod.table_paths(spec)
+    assert sorted(paths) == sorted(str(tmp_path / r / f"seed{s}" / "results.json")
+                                   for r, s in [("baseline", 0), ("baseline", 1), ("no_m3w", 0)])
+    assert stale == [str(tmp_path / "no_m3w" / "seed1" / "results.json")]
+    sweep_mod.render(tmp_path, spec)
+    out = capsys.readouterr().out
+    assert "no_m3w/seed1/results.json is complete for another config" in out
+    assert "2 results.json under" in out and "outside this sweep's rows and seeds" in out
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    assert sorted(zip(runs["experiment"], runs["seed"])) == [("baseline", 0), ("baseline", 1), ("no_m3w", 0)]
+    table = (tmp_path / "table3.md").read_text()
+    assert "| baseline | 2 |" in table and "| 61.0 ± 12.7 (70.7) |" in table  # t(1) = 12.706, s = sqrt(2), n = 2
+    assert "| w/o M3W | 1 |" in table and "| 40.0 (53.4) | -21.0 (-17.3) |" in table

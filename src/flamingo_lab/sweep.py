@@ -249,20 +249,37 @@ def runs_to_train(spec: DictConfig) -> list[tuple[str, int]]:
     """The (row, seed) runs the multirun will train: those without a results.json that is complete for the
     config the sweep gives them now (a run complete for an older config is trained again); with ``force``,
     every run."""
+    if spec.get("force"):
+        return list(run_status(spec))
+    return [pair for pair, v in run_status(spec).items() if v["status"] != "complete" or not _current(spec, *pair, v)]
+
+
+def _current(spec: DictConfig, row: str, seed: int, status: dict) -> bool:
+    """Whether run (row, seed)'s complete results.json is for the config the sweep gives it now."""
     from flamingo_lab.config import compose
     from flamingo_lab.training.run import completed, config_key
 
-    todo = []
-    for (row, seed), v in run_status(spec).items():
-        if v["status"] == "complete" and not spec.get("force"):
-            try:
-                key = config_key(compose(job_overrides(spec, row, seed)))
-            except Exception:  # noqa: BLE001 -- a config that does not compose fails in its run, which is to do
-                key = None
-            if key is not None and completed(Path(v["path"]).parent, key) is not None:
-                continue
-        todo.append((row, seed))
-    return todo
+    try:
+        key = config_key(compose(job_overrides(spec, row, seed)))
+    except Exception:  # noqa: BLE001 -- a config that does not compose fails in its run, which is to do
+        return False
+    return completed(Path(status["path"]).parent, key) is not None
+
+
+def table_paths(spec: DictConfig) -> tuple[list[str], list[str]]:
+    """(the results.json files Table 3 is made of, the complete ones left out because their config is not the
+    one the sweep gives them now). Only the sweep's own rows and seeds are read: a folder that still holds
+    other seeds, rows or stray results.json files (an earlier sweep with more seeds, a flamingo-eval run) does
+    not change the table."""
+    paths, stale = [], []
+    for pair, v in run_status(spec).items():
+        if v["status"] == "missing":
+            continue
+        if v["status"] == "complete" and not _current(spec, *pair, v):
+            stale.append(v["path"])
+            continue
+        paths.append(v["path"])
+    return paths, stale
 
 
 def describe_runs(spec: DictConfig) -> str:
@@ -352,12 +369,25 @@ def report_progress(spec: DictConfig, proc: subprocess.Popen, started: float, ev
             last = new
 
 
-def render(sweep_dir: str | Path) -> dict[str, Path]:
-    """Table 3 (markdown, HTML), the tidy runs (CSV) and the plots, written into ``sweep_dir``."""
+def render(sweep_dir: str | Path, spec: DictConfig | None = None) -> dict[str, Path]:
+    """Table 3 (markdown, HTML), the tidy runs (CSV) and the plots, written into ``sweep_dir``: from the sweep
+    ``spec``'s own runs (:func:`table_paths`), or without one from every results.json under ``sweep_dir``."""
     from flamingo_lab.analysis import load_runs, plot_loss_curves, plot_overall, table3, to_html, to_markdown
 
     sweep_dir = Path(sweep_dir)
-    runs = load_runs(sweep_dir)
+    paths = None
+    if spec is not None:
+        paths, stale = table_paths(spec)
+        for path in stale:
+            print(f"[flamingo-sweep] left out of the table: {path} is complete for another config or world than "
+                  "the sweep's now (run the sweep to train it again)", flush=True)
+        others = len(set(map(str, sweep_dir.rglob("results.json"))) - set(paths) - set(stale))
+        if others:
+            print(f"[flamingo-sweep] {others} results.json under {sweep_dir} outside this sweep's rows and seeds "
+                  "left out of the table", flush=True)
+        if not paths:
+            raise FileNotFoundError(f"no results of this sweep's rows and seeds under {sweep_dir}")
+    runs = load_runs(sweep_dir, paths)
     table = table3(runs)
     written = {"runs": sweep_dir / "runs.csv", "markdown": sweep_dir / "table3.md", "html": sweep_dir / "table3.html"}
     runs.to_csv(written["runs"], index=False)
@@ -417,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if v["status"] != "complete":
             print(f"  {row}/seed{seed}: {v['status']}" + (f": {v['error']}" if v["error"] else ""), flush=True)
     if spec.render and counts["complete"] + counts["failed"]:
-        for what, path in render(spec.out).items():
+        for what, path in render(spec.out, spec).items():
             print(f"[flamingo-sweep] {what}: {path}", flush=True)
         table = Path(spec.out) / "table3.md"
         print(table.read_text(), flush=True)

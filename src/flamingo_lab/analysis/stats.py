@@ -27,7 +27,7 @@ def t975(df: float) -> float:
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float, int]:
     """(mean, half-width of the 95% interval, n); half-width is nan for a single value."""
-    xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    xs = _present(values)
     n = len(xs)
     if n == 0:
         return math.nan, math.nan, 0
@@ -38,16 +38,21 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float, int]:
     return mean, t975(n - 1) * math.sqrt(var / n), n
 
 
+def _present(values: Sequence[float]) -> list[float]:
+    return [float(v) for v in values if v is not None and not math.isnan(float(v))]
+
+
 def diff_ci(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     """mean(a) - mean(b) and the half-width of its 95% interval (Welch); nan when either has < 2 values."""
+    a, b = _present(a), _present(b)  # missing values (None, nan) left out of every part, not only the means
     ma, _, na = mean_ci(a)
     mb, _, nb = mean_ci(b)
     if na < 2 or nb < 2:
         return ma - mb, math.nan
-    va = sum((float(x) - ma) ** 2 for x in a) / (na - 1) / na
-    vb = sum((float(x) - mb) ** 2 for x in b) / (nb - 1) / nb
+    va = sum((x - ma) ** 2 for x in a) / (na - 1) / na
+    vb = sum((x - mb) ** 2 for x in b) / (nb - 1) / nb
     se2 = va + vb
-    if se2 == 0:
-        return ma - mb, 0.0
+    if se2 == 0:  # every seed scored the same on both sides: no spread to build an interval from, not a 0-wide one
+        return ma - mb, math.nan
     df = se2**2 / ((va**2) / (na - 1) + (vb**2) / (nb - 1))
     return ma - mb, t975(df) * math.sqrt(se2)

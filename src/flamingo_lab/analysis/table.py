@@ -24,7 +24,8 @@ def flatten_results(results: dict[str, Any], path: str | None = None) -> dict[st
     row = {
         "experiment": results.get("experiment") or cfg.get("experiment") or "baseline",
         "seed": cfg.get("seed", results.get("seed")),
-        "status": results.get("status", "complete"),
+        # no status: not a training run's results (flamingo-eval writes none), never counted as a complete run
+        "status": results.get("status", "unknown"),
         "error": results.get("error"),
         "params": (results.get("params") or {}).get("total"),
         "step_time": (results.get("step_time_s") or {}).get("median"),
@@ -41,10 +42,10 @@ def flatten_results(results: dict[str, Any], path: str | None = None) -> dict[st
     return row
 
 
-def load_runs(folder: str | Path) -> pd.DataFrame:
-    """Every ``results.json`` under ``folder`` (a sweep or a single run), one row each."""
+def load_runs(folder: str | Path, paths: list[str | Path] | None = None) -> pd.DataFrame:
+    """Every ``results.json`` under ``folder`` (a sweep or a single run), or those ``paths``, one row each."""
     folder = Path(folder)
-    paths = sorted(folder.rglob("results.json"))
+    paths = sorted(folder.rglob("results.json")) if paths is None else [Path(p) for p in paths]
     if not paths:
         raise FileNotFoundError(f"no results.json under {folder}: is it a sweep or run folder?")
     rows = [flatten_results(json.loads(p.read_text()), str(p)) for p in paths]
@@ -74,10 +75,18 @@ def table3(runs: pd.DataFrame, baseline: str = "baseline") -> pd.DataFrame:
     """Per experiment: mean and 95% half-width of every metric over seeds, the paper's numbers,
     the change from the baseline (ours with its interval, the paper's) and whether they agree."""
     done = runs[runs["status"] == "complete"]
+    twice = done[done.duplicated(["experiment", "seed"], keep=False)]
+    if len(twice):
+        first = twice.iloc[0]
+        raise ValueError(
+            f"{len(twice)} complete results.json files share an (experiment, seed): "
+            f"{first['experiment']} seed {first['seed']:g} in {sorted(twice[twice['experiment'] == first['experiment']]['path'].astype(str))}. "
+            "A seed counted twice would narrow the interval: remove the stale copies, or render a sweep with "
+            "flamingo-sweep, which reads only its own rows' and seeds' folders")
     base = done[done["experiment"] == baseline]
     out = []
-    order = [e for e in ROW_ORDER if e in set(done["experiment"])]
-    order += sorted(set(done["experiment"]) - set(order))
+    order = [e for e in ROW_ORDER if e in set(runs["experiment"])]  # rows whose every seed failed stay, as failed
+    order += sorted(set(runs["experiment"]) - set(order))
     for exp in order:
         group = done[done["experiment"] == exp]
         paper = PAPER_TABLE3.get(exp, {})
@@ -85,8 +94,9 @@ def table3(runs: pd.DataFrame, baseline: str = "baseline") -> pd.DataFrame:
             "experiment": exp,
             "group": paper.get("group", ""),
             "changed_to": "baseline" if exp == baseline else paper.get("changed_to", exp),
-            "seeds": len(group),
-            "failed": int((runs[runs["experiment"] == exp]["status"] != "complete").sum()),
+            # the seeds behind the Overall (a complete run without an Overall is not one of them)
+            "seeds": int(group["overall"].notna().sum()) if "overall" in group else len(group),
+            "failed": int((~runs[runs["experiment"] == exp]["status"].isin(["complete", "unknown"])).sum()),
         }
         for m in METRICS:
             mean, half, _ = mean_ci(group[m].dropna().tolist()) if m in group else (math.nan, math.nan, 0)
