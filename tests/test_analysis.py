@@ -202,3 +202,18 @@ def test_identical_seeds_give_no_interval_rather_than_a_zero_wide_one():
     assert delta == pytest.approx(-0.01) and math.isnan(half)  # before: 0.0, so "CI excludes 0: yes"
     delta, half = diff_ci([10.0, 11.0, 12.0, None, float("nan")], [1.0, 2.0, 3.0])  # missing values left out
     assert delta == pytest.approx(9.0) and half == pytest.approx(2.776 * math.sqrt(2 / 3), rel=1e-4)
+
+
+def test_overall_plot_says_which_rows_have_no_interval(tmp_path):
+    from flamingo_lab.analysis.plots import overall_labels
+
+    _write_run(tmp_path / "b0", "baseline", 0, 60.0)
+    _write_run(tmp_path / "b1", "baseline", 1, 62.0)
+    _write_run(tmp_path / "m0", "no_m3w", 0, 40.0)
+    _write_run(tmp_path / "t0", "no_tanh", 0, 0.0, status="failed")
+    table = table3(load_runs(tmp_path))
+    labels = dict(zip(table["experiment"], overall_labels(table)))
+    assert labels["baseline"] == "baseline"
+    assert labels["no_m3w"].endswith("(1 seed, no interval)")  # drawn hatched, not as an exact result
+    assert labels["no_tanh"].endswith("(no complete seed)")
+    assert plot_overall(table, tmp_path / "overall.png").stat().st_size > 0

@@ -27,6 +27,19 @@ def save(fig, path: str | Path) -> Path:
     return path
 
 
+def overall_labels(table: pd.DataFrame) -> list[str]:
+    """plot_overall's row labels: the paper's axis and change, and for a row without an interval, why."""
+    labels = []
+    for r in table.to_dict("records"):
+        label = "baseline" if r["experiment"] == "baseline" else f"{r['group']}: {r['changed_to']}"
+        if math.isnan(r["overall"]):
+            label += " (no complete seed)"
+        elif math.isnan(r["overall_ci"]):
+            label += f" ({int(r['seeds'])} seed, no interval)"
+        labels.append(label)
+    return labels
+
+
 def plot_overall(table: pd.DataFrame, path: str | Path) -> Path:
     """Horizontal bars of Overall (mean, 95% CI over seeds) per row, grouped by the paper's axis."""
     plt = _plt()
@@ -34,9 +47,10 @@ def plot_overall(table: pd.DataFrame, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(t) + 1.2))
     errors = [0 if math.isnan(e) else e for e in t["overall_ci"]]
     colours = ["tab:grey" if e == "baseline" else "tab:blue" for e in t["experiment"]]
-    ax.barh(range(len(t)), t["overall"], xerr=errors, color=colours, capsize=3)
-    labels = ["baseline" if e == "baseline" else f"{g}: {c}" for e, g, c in zip(t["experiment"], t["group"], t["changed_to"])]
-    ax.set_yticks(range(len(t)), labels, fontsize=8)
+    # a row without an interval is hatched and says why: a bar without whiskers would read as an exact result
+    hatches = ["//" if math.isnan(e) else "" for e in t["overall_ci"]]
+    ax.barh(range(len(t)), t["overall"].fillna(0), xerr=errors, color=colours, capsize=3, hatch=hatches)
+    ax.set_yticks(range(len(t)), overall_labels(t), fontsize=8)
     base = table.loc[table["experiment"] == "baseline", "overall"]
     if len(base):
         ax.axvline(float(base.iloc[0]), color="k", lw=0.8, ls="--", label="baseline")
