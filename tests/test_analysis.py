@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -39,7 +40,7 @@ def test_diff_ci_welch():
     assert half == pytest.approx(2.776 * math.sqrt(2 / 3), rel=1e-4)
 
 
-def _write_run(folder, experiment, seed, overall, status="complete", curve=None):
+def _write_run(folder, experiment, seed, overall, status="complete", curve=None, overall_tasks=TASKS):
     folder.mkdir(parents=True)
     scores = {t: overall + i for i, t in enumerate(TASKS)}
     results = {
@@ -47,7 +48,8 @@ def _write_run(folder, experiment, seed, overall, status="complete", curve=None)
         "params": {"total": 1_500_000}, "step_time_s": {"median": 0.08},
         "loss": {"final": 2.0, "curve": curve or {"step": [10, 20], "loss": [4.0, 3.0]}},
         "eval": {"scores": {t: {"4": {"metric": "m", "score": v}} for t, v in scores.items()},
-                 "overall": {"4": overall}, "overall_score": overall, "overall_shots": 4}
+                 "overall": {"4": overall}, "overall_score": overall, "overall_shots": 4,
+                 "overall_tasks": list(TASKS), "overall_tasks_used": list(overall_tasks)}
         if status == "complete" else {},
     }
     if status != "complete":
@@ -195,6 +197,27 @@ def test_table3_never_counts_a_seed_twice_nor_an_unlabelled_file_and_keeps_rows_
     one = pd.DataFrame([{"experiment": "baseline", "seed": s, "status": "complete", "overall": v}
                         for s, v in enumerate([50.0, 52.0, None])])
     assert table3(one).set_index("experiment").loc["baseline", "seeds"] == 2  # seeds behind the Overall
+
+
+def test_table3_refuses_overalls_that_average_different_tasks(tmp_path):
+    _write_run(tmp_path / "b0", "baseline", 0, 60.0)
+    _write_run(tmp_path / "b1", "baseline", 1, 62.0)
+    _write_run(tmp_path / "m0", "no_m3w", 0, 40.0)
+    _write_run(tmp_path / "m1", "no_m3w", 1, 44.0, overall_tasks=TASKS[:-1])  # a task without a reference here
+    with pytest.raises(ValueError, match=r"average different things .*no_m3w seed 1.*same eval.tasks"):
+        table3(load_runs(tmp_path))
+    shutil.rmtree(tmp_path / "m1")
+    _write_run(tmp_path / "m1", "no_m3w", 1, 44.0)
+    assert table3(load_runs(tmp_path)).set_index("experiment").loc["no_m3w", "seeds"] == 2
+
+
+def test_t_quantile_has_no_step_beyond_the_table():
+    from flamingo_lab.analysis.stats import t975
+
+    assert t975(120) == pytest.approx(1.980) and 1.960 < t975(121) < 1.980  # before: 1.960 from 121 on
+    assert t975(240) == pytest.approx(1.970) and t975(1e9) == pytest.approx(1.960)
+    values = [t975(d) for d in range(1, 400)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # falls with df, no jump
 
 
 def test_identical_seeds_give_no_interval_rather_than_a_zero_wide_one():

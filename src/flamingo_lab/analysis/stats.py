@@ -12,7 +12,7 @@ _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 
 
 def t975(df: float) -> float:
-    """t_{0.975}(df); df rounded down (conservative); the normal 1.96 beyond 120."""
+    """t_{0.975}(df); df rounded down (conservative); beyond 120 linear in 1/df towards the normal 1.96."""
     if df < 1:
         return math.nan
     d = int(math.floor(df))
@@ -22,7 +22,8 @@ def t975(df: float) -> float:
         return 2.000 + (2.042 - 2.000) * (1 / d - 1 / 60) / (1 / 30 - 1 / 60)
     if d <= 120:
         return 1.980 + (2.000 - 1.980) * (1 / d - 1 / 120) / (1 / 60 - 1 / 120)
-    return 1.960
+    # between tabled 120 (1.980) and infinity (1.960), as the tables interpolate: no step down to 1.96 at 121
+    return 1.960 + (1.980 - 1.960) * 120 / d
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float, int]:

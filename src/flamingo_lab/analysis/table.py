@@ -30,6 +30,9 @@ def flatten_results(results: dict[str, Any], path: str | None = None) -> dict[st
         "params": (results.get("params") or {}).get("total"),
         "step_time": (results.get("step_time_s") or {}).get("median"),
         "overall": ev.get("overall_score"),
+        # what the Overall averages: runs are comparable only when these agree (table3 checks)
+        "overall_tasks": _task_set(ev.get("overall_tasks_used", ev.get("overall_tasks"))),
+        "overall_shots": ev.get("overall_shots"),
         "final_loss": (results.get("loss") or {}).get("final"),
         "path": path,
     }
@@ -40,6 +43,30 @@ def flatten_results(results: dict[str, Any], path: str | None = None) -> dict[st
     for key, value in (results.get("ablation") or {}).items():
         row[f"ablation.{key}"] = value
     return row
+
+
+def _task_set(tasks) -> str | None:
+    return ",".join(sorted(tasks)) if tasks else None
+
+
+def _check_same_overall(done: pd.DataFrame) -> None:
+    """Stop when the runs' Overalls average different tasks or shots: their mean and deltas would compare
+    unlike things (a row evaluated with other eval.tasks, or a task with no reference in some runs)."""
+    scored = done[done["overall"].notna()] if "overall" in done else done.iloc[:0]
+    kinds = {}
+    for _, r in scored.iterrows():
+        key = (r.get("overall_tasks"), r.get("overall_shots"))
+        if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in key):
+            continue  # results written before these were recorded: nothing to compare
+        kinds.setdefault(key, []).append(f"{r['experiment']} seed {r['seed']:g}")
+    if len(kinds) > 1:
+        lines = "; ".join(f"tasks [{t}] at {int(k)} shots: {', '.join(runs[:4])}{' ...' if len(runs) > 4 else ''}"
+                          for (t, k), runs in sorted(kinds.items(), key=lambda kv: -len(kv[1])))
+        raise ValueError(
+            f"the runs' Overall scores average different things ({lines}), so their means and the deltas "
+            "against the baseline would compare unlike scores. Evaluate every run with the same eval.tasks, "
+            "eval.overall_tasks and eval.overall_shots (flamingo-eval checkpoint=<run folder> ...), or give "
+            "the tasks that lack one a reference")
 
 
 def load_runs(folder: str | Path, paths: list[str | Path] | None = None) -> pd.DataFrame:
@@ -83,6 +110,7 @@ def table3(runs: pd.DataFrame, baseline: str = "baseline") -> pd.DataFrame:
             f"{first['experiment']} seed {first['seed']:g} in {sorted(twice[twice['experiment'] == first['experiment']]['path'].astype(str))}. "
             "A seed counted twice would narrow the interval: remove the stale copies, or render a sweep with "
             "flamingo-sweep, which reads only its own rows' and seeds' folders")
+    _check_same_overall(done)
     base = done[done["experiment"] == baseline]
     out = []
     order = [e for e in ROW_ORDER if e in set(runs["experiment"])]  # rows whose every seed failed stay, as failed
