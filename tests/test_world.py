@@ -534,3 +534,163 @@ def test_corpus_holds_each_paragraph_kind_in_the_evaluation_formats():
         WorldConfig(corpus_kinds={"poetry": 1.0})
     with pytest.raises(ValueError, match="quiz_types"):
         WorldConfig(quiz_types=["smell"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out evaluation: what any model part trains on never holds an evaluation item (the audit's guards)
+# ---------------------------------------------------------------------------------------------
+
+
+def _scene_pairs(scene) -> set:
+    return {(o["colour"], o["shape"]) for o in scene["objects"]}
+
+
+def _training_images(world) -> tuple[dict, list]:
+    """Every image of the training and validation sources (m3w pages, pairs, clips) as {sha256: where}, a clip as
+    the digest of its frames together, and every (scene, texts, where, json) they hold."""
+    import hashlib
+
+    digest = lambda frames: hashlib.sha256(b"".join(frames)).hexdigest()  # noqa: E731
+    images, scenes = {}, []
+    for split in ("train", "val"):
+        for source, shards in world["shards"][split].items():
+            for shard in shards:
+                for key, m in _members(world["root"] / shard).items():
+                    meta = json.loads(m["json"])
+                    where = f"{split}/{source}/{key}"
+                    if "image_info" in meta:  # an m3w page: one scene per image
+                        for info in meta["image_info"]:
+                            images[digest([m[info["image_name"]]])] = where
+                            scenes.append((info["scene"], meta["text_list"], where, meta))
+                    else:
+                        frames = [m["png"]] if "png" in m else [m[f"{f}.png"] for f in range(meta["frames"])]
+                        images[digest(frames)] = where
+                        scenes.append((meta["scene"], [m["txt"].decode()], where, meta))
+    return images, scenes
+
+
+def _task_items(world, task, split) -> list[tuple[dict, bytes]]:
+    import hashlib
+
+    spec, out = world["tasks"][task], []
+    for shard in spec["splits"][split]:
+        for m in _members(world["root"] / shard).values():
+            frames = [m[f"{f}.png"] for f in range(spec["frames"])]
+            out.append((json.loads(m["json"]), hashlib.sha256(b"".join(frames)).hexdigest()))
+    return out
+
+
+def _scene_key(scene) -> tuple:
+    return (sorted((o["colour"], o["shape"], o["size"], o["cell"]) for o in scene["objects"]), scene["background"],
+            scene.get("event"), scene.get("detail"))
+
+
+def test_no_evaluation_item_is_a_training_or_support_item(world, tiny_world_dir):
+    """No test item's image (a clip: its frames together) is pixel-identical to an image of any training or validation
+    source (m3w, pairs, clips: what the LM-free stages and Flamingo train on) or to a support item, and no test scene
+    (objects, background, event) is one of theirs; task shards are files of their own. (In the embedded world, seed 0,
+    one vqav2 test image of 300 equals an m3w image by chance, a one-object scene on a background of the same shade.)"""
+    world = {**world, "root": tiny_world_dir}
+    images, scenes = _training_images(world)
+    train_scenes = {json.dumps(_scene_key(s)) for s, _, _, _ in scenes}
+    train_files = {f for split in ("train", "val") for shards in world["shards"][split].values() for f in shards}
+    assert len(images) > 100
+    for task, spec in world["tasks"].items():
+        assert not (set(spec["splits"]["test"]) & (set(spec["splits"]["support"]) | train_files))
+        support = _task_items(world, task, "support")
+        test = _task_items(world, task, "test")
+        support_images = {d for _, d in support}
+        support_scenes = {json.dumps(_scene_key(m["scene"])) for m, _ in support}
+        assert not {m["id"] for m, _ in test} & {m["id"] for m, _ in support}, task
+        for meta, d in test:
+            assert d not in images, (task, meta["id"], images.get(d))
+            assert d not in support_images, (task, meta["id"])
+            assert json.dumps(_scene_key(meta["scene"])) not in train_scenes | support_scenes, (task, meta["id"])
+
+
+def test_held_out_pairs_are_shown_only_by_test_items_and_named_in_training_only_by_wrong_captions(world, tiny_world_dir):
+    """No training or validation image, no clip (before or after an object turns) and no support item shows a
+    held-out colour-shape pair, and the LM corpus never names one. The only training texts that name one are
+    align/laion captions of the kind "wrong" (a wrong colour for an object shown), which name a pair their image
+    does not show."""
+    world = {**world, "root": tiny_world_dir}
+    held = {tuple(p) for p in world["config"]["held_out"]}
+    pattern = re.compile(r"\b(\w+) (" + "|".join(world["config"]["shapes"]) + r")\b")
+    _, scenes = _training_images(world)
+    for scene, texts, where, meta in scenes:
+        assert not _scene_pairs(scene) & held, where
+        if scene.get("event") == "turns":
+            assert (scene["detail"], scene["objects"][scene["actor"]]["shape"]) not in held, where
+        named = {p for t in texts for p in pattern.findall(t)} & held
+        if named:  # a wrong caption: it names what its image does not show
+            assert where.split("/")[1] in ("align", "laion") and meta["caption_noise"] == "wrong", (where, texts)
+            assert not named & _scene_pairs(scene), where
+    assert len(scenes) > 100
+    for split, path in world["corpus"].items():
+        text = (tiny_world_dir / path).read_text()
+        assert not any(f"{c} {s}" in text for c, s in held), split
+    for task in world["tasks"]:
+        for meta, _ in _task_items(world, task, "support"):
+            assert not _scene_pairs(meta["scene"]) & held and not meta["held_out"], (task, meta["id"])
+    # generated beyond the tiny world's few samples: the pair sources' captions and images
+    cfg = _cfg()
+    for i in range(120):
+        for source in ("align", "laion"):
+            s = make_pair(cfg, "train", i, source)
+            named = set(pattern.findall(s["txt"])) & held
+            assert not _scene_pairs(s["json"]["scene"]) & held
+            assert not named or (s["json"]["caption_noise"] == "wrong" and not named & _scene_pairs(s["json"]["scene"]))
+
+
+def test_an_items_held_out_label_says_that_its_scene_shows_a_held_out_pair(tiny_world_dir):
+    """The evaluation's held_out=True group holds only items whose scene shows a held-out pair. The world writes
+    held_out as drawn, and a held-out item asking about a colour without a held-out pair (purple) falls back to a
+    seen pair (the tiny world: okvqa-test-0000003, renamed_colours-test-0000002); read_items labels it from the scene."""
+    from flamingo_lab.eval.tasks import held_out_pairs, load_tasks, read_items
+
+    held = {tuple(p) for p in json.loads((tiny_world_dir / "world.json").read_text())["held_out"]}
+    n_held = 0
+    for name, task in load_tasks(tiny_world_dir).items():
+        assert held_out_pairs(task.test[0]) == held
+        for split in ("test", "support"):
+            for it in read_items(getattr(task, split), task.frames):
+                shows = bool(_scene_pairs(it.meta["scene"]) & held)
+                assert it.meta["held_out"] == shows, (name, it.id, it.meta["scene"]["objects"])
+                n_held += shows
+    assert n_held >= 10
+
+
+def test_evaluation_items_do_not_depend_on_training_settings():
+    """Every item draws from its own stream (seed, split, task, index): changing what the training sources, the
+    corpus or the counts hold leaves every evaluation item byte for byte as it was."""
+    from dataclasses import replace
+
+    from flamingo_lab.data.world import encode_sample
+
+    base = _cfg(n_test=6, n_support=6, n_episodes=2, episode_support=5, episode_test=3)
+    variants = [dict(n_train_m3w=7, n_train_align=1, n_corpus_train=3), dict(page_kinds={"describe": 1.0}),
+                dict(corpus_kinds={"facts": 1.0}), dict(game_words=0.5, game_bare=0.5, game_cues=0.5),
+                dict(vtp_moves=0.7, vtp_qa=0.9, align_noise=0.9, laion_wrong=0.5, laion_vague=0.1),
+                dict(quiz_types=["colour"], min_images_per_doc=3), dict(n_test=600, n_support=9)]
+    items = [(task, split, i) for task in TASKS for split in ("support", "test") for i in (0, 3)]
+    ref = {k: encode_sample(make_task_sample(base, *k)) for k in items}
+    for change in variants:
+        cfg = replace(base, **change)
+        for k in items:
+            assert encode_sample(make_task_sample(cfg, *k)) == ref[k], (change, k)
+
+
+def test_a_query_is_never_its_own_shot():
+    """The support pool leaves out an item with the query's id (support and test ids differ in a world; the guard
+    holds where a folder gives the same items for both) and, for in-context tasks, keeps to the query's episode."""
+    from flamingo_lab.eval.prompts import SupportSampler
+    from flamingo_lab.eval.tasks import Item, Task
+
+    items = [Item(id=f"q{i}", images=[], answers=["a"], episode=i % 2) for i in range(6)]
+    for in_context in (False, True):
+        task = Task(name="t", kind="vqa", metric="top1", support=["s"], test=["t"], in_context=in_context)
+        sampler = SupportSampler(task, items, method="random")
+        for q in items:
+            shots = sampler.sample(q, 8)
+            assert q.id not in {s.id for s in shots} and len(shots) == (2 if in_context else 5)
+            assert not in_context or {s.episode for s in shots} == {q.episode}

@@ -948,6 +948,8 @@ def make_task_sample(cfg: WorldConfig, task: str, split: str, index: int) -> dic
         meta.update(question=None, answers=[answer], episode=episode, qtype=qtype)
     else:
         raise ValueError(f"unknown task {task!r}; valid: {list_tasks()}")
+    # `held` as drawn: where the asked colour has no held-out pair (_attrs falls back) the scene shows none; the
+    # evaluation reads the label from the scene (eval.tasks._relabel_held_out); written as before, same bytes
     meta["held_out"] = held
     sample = {"__key__": meta["id"]}
     for f, img in enumerate(images):
