@@ -412,3 +412,43 @@ def test_no_parameter_is_a_0d_scalar_so_fsdp_can_shard_the_model(tiny_tokenizer_
     gates = model.gate_parameters()
     assert gates and all(p.shape == (1,) and p.item() == 0.0 for p in gates)
     assert set(model.gate_values().values()) == {0.0}
+
+
+@pytest.mark.parametrize("name", ["gated", "grafting"])
+def test_lm_whose_head_is_narrower_than_its_layers(tiny_tokenizer_dir, name):
+    """OPT-350m projects its 1024-wide hidden states to 512 before the output head (word_embed_proj_dim):
+    the gated blocks read the layers' width, the grafted stack the head's. Zero gates give the bare LM,
+    open gates change it, and a training step runs."""
+    arch = dict(ARCHS["opt"], word_embed_proj_dim=16)  # layers 32 wide, embeddings and head 16 wide
+    d = model_dict(tiny_tokenizer_dir, "opt", name=name)
+    d["lm"]["arch"] = arch
+    torch.manual_seed(0)
+    model = build_flamingo(d)
+    assert model.lm.get_output_embeddings().in_features == 16 != model.lm.config.hidden_size
+    ids, images = three_image_batch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, images=images).logits, model.lm(input_ids=ids).logits,
+                                   atol=1e-6, rtol=0)
+    with torch.no_grad():
+        for p in model.gate_parameters():
+            p.fill_(1.0)
+    model.train()
+    out = model(ids, images=images, labels=ids)
+    with torch.no_grad():
+        assert not torch.allclose(out.logits, model.lm(input_ids=ids).logits, atol=1e-4)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.xattn_layers.parameters())
+
+
+def test_feature_cache_does_not_serve_autocast_features_to_a_full_precision_call():
+    """bf16-mixed training fills the cache at bf16 precision; the evaluation after it (no autocast) must
+    compute its own features, as it would with the cache off, or cache_mib would change the scores."""
+    torch.manual_seed(0)
+    cached = VisionEncoder(VisionConfig(name="tiny", image_size=32, cache_mib=8))
+    plain = VisionEncoder(VisionConfig(name="tiny", image_size=32))
+    plain.load_state_dict(cached.state_dict())
+    x = torch.randn(2, 1, 1, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(cached(x), plain(x))
+    assert torch.equal(cached(x), plain(x))  # full precision: not the bf16 features of the call above
+    assert cached.cache.stats()["misses"] == 4

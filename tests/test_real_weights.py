@@ -159,6 +159,38 @@ def test_lm_path_loads_the_lm_its_tokenizer_and_the_special_tokens(saved_lm, kin
         torch.testing.assert_close(model(ids, images=images).logits[..., :vocab], expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_a_table_padded_past_the_vocabulary_gives_the_special_tokens_the_mean_row(tmp_path, kind):
+    """Real OPT (50272 rows for 50265 tokens), Pythia, Qwen and Phi pad their tables: the special tokens get
+    ids inside the table, on rows no text trained. They start as the vocabulary's mean row (as grown rows do),
+    and every other row stays bit-identical."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = make_tokenizer(**TOKENIZERS[kind])
+    arch = dict(ARCHS[kind])
+    ids = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    n_vocab, n_table = len(tok), len(tok) + 8
+    config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=n_table, **ids, **arch)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    ref = saved_model(tmp_path)
+    model = build_from_path(tmp_path)
+
+    new = [model.media_token_id, model.eoc_token_id]
+    assert new == [n_vocab, n_vocab + 1]  # inside the padded table: it does not grow
+    emb, head = model.lm.get_input_embeddings().weight, model.lm.get_output_embeddings().weight
+    old = [i for i in range(n_table) if i not in new]
+    for got, want in ((emb, ref.get_input_embeddings().weight), (head, ref.get_output_embeddings().weight)):
+        assert got.shape[0] == n_table
+        assert torch.equal(got[old], want[old])
+        torch.testing.assert_close(got[new], want[:n_vocab].mean(0).expand(2, -1), atol=0, rtol=0)
+    # A tokenizer that already holds the tokens (a folder saved after preparation) keeps its trained rows.
+    model.tokenizer.save_pretrained(tmp_path)
+    again = build_from_path(tmp_path)
+    assert torch.equal(again.lm.get_input_embeddings().weight, ref.get_input_embeddings().weight)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_frozen_lm_only_the_special_token_deltas_train(saved_lm, kind):
     model = build_from_path(saved_lm(kind))

@@ -58,10 +58,12 @@ class Flamingo(nn.Module):
             # Nothing enters the LM; the new stack runs between its final hidden states and its head.
             self.xattn_layer_ids = []
             n = cfg.xattn.graft_layers if cfg.xattn.graft_layers is not None else max(2, len(blocks))
-            self.xattn_layers = build_graft_stack(cfg.xattn, dim_lm, dim_media, n)
             head = self.lm.get_output_embeddings()
             if head is None:
                 raise ValueError(f"xattn=grafting needs an LM with an output head; {type(self.lm).__name__} has none")
+            # The stack reads what the head reads: not always hidden_size (OPT-350m projects 1024 -> 512 first).
+            dim_head = getattr(head, "in_features", dim_lm)
+            self.xattn_layers = build_graft_stack(cfg.xattn, dim_head, dim_media, n)
             self._graft_hook = GraftHook(self.xattn_layers)
             head.register_forward_pre_hook(self._graft_hook)
         else:

@@ -52,7 +52,11 @@ def prepare_tokenizer(tok):
     """
     missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
     if missing:
+        n_before = len(tok)
         tok.add_tokens(missing, special_tokens=True)
+        # build_lm initialises these rows: in an LM whose table is padded past its vocabulary (OPT, Pythia,
+        # Qwen, Phi) they land on existing, never-trained rows rather than on rows the table grows
+        tok.flamingo_added = (n_before, tok.convert_tokens_to_ids(missing))
     if tok.pad_token is None:
         if tok.eos_token is not None:
             tok.pad_token = tok.eos_token
@@ -124,8 +128,15 @@ def build_lm(cfg: LMConfig, tokenizer) -> nn.Module:
         for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
             arch.setdefault(k, getattr(tokenizer, k, None))
         lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **arch))
-    if lm.get_input_embeddings().num_embeddings < len(tokenizer):
+    n_table = lm.get_input_embeddings().num_embeddings
+    if n_table < len(tokenizer):
         grow_token_embeddings(lm, len(tokenizer))  # special tokens were added to the tokenizer
+    added = getattr(tokenizer, "flamingo_added", None)
+    if cfg.path is not None and added is not None:
+        n_vocab, ids = added
+        padding_rows = [i for i in ids if i < n_table]  # table padded past the vocabulary: rows that exist
+        if padding_rows:
+            init_token_rows(lm, padding_rows, n_vocab)
     if cfg.freeze == "train_from_scratch":
         reinitialise(lm)  # same architecture, pretrained weights (if any) discarded
     return lm
@@ -153,6 +164,21 @@ def grow_token_embeddings(lm: nn.Module, n_tokens: int) -> None:
         bias = getattr(out, "bias", None) if out is not None else None
         if bias is not None and bias.shape[0] > n_old:
             bias[n_old:] = bias[:n_old].mean()
+
+
+def init_token_rows(lm: nn.Module, rows: list[int], n_vocab: int) -> None:
+    """Set the token rows ``rows`` (and their output rows and bias, where not tied) to the mean of the
+    vocabulary's ``n_vocab`` rows, as :func:`grow_token_embeddings` does for rows it adds: for special tokens
+    given ids inside a table padded past its vocabulary, whose rows no text ever trained. Other rows stay
+    bit-identical."""
+    inp, out = lm.get_input_embeddings(), lm.get_output_embeddings()
+    tables = [inp.weight] + ([out.weight] if out is not None and out.weight is not inp.weight else [])
+    with torch.no_grad():
+        for w in tables:  # (n_table, D)
+            w[rows] = w[:n_vocab].mean(0, keepdim=True)
+        bias = getattr(out, "bias", None) if out is not None else None
+        if bias is not None:
+            bias[rows] = bias[:n_vocab].mean()
 
 
 # ---------------------------------------------------------------- decoder layers

@@ -144,9 +144,9 @@ def _resample_pos_embed(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[s
 class FeatureCache:
     """The frozen encoder's tokens for each frame it has seen, found by the frame's content.
 
-    A frame's key is a BLAKE2b digest of its pixel bytes, shape and dtype, so a hit is the same image
-    whatever sample, slot, step or prompt it comes from, and any change to a frame is a miss, never a stale
-    answer. Frames that repeat within one call (the zero frames of empty image slots, a support image
+    A frame's key is a BLAKE2b digest of its pixel bytes, shape and dtype, and of the autocast state it is
+    encoded under, so a hit is the same image whatever sample, slot, step or prompt it comes from, and any
+    change to a frame (or to the precision it is encoded at) is a miss, never a stale answer. Frames that repeat within one call (the zero frames of empty image slots, a support image
     shown in several prompts) are encoded once. Beyond ``max_bytes`` the least recently used entries go.
     Entries live on the device the encoder computed them on. The encoder must be frozen and deterministic,
     which :class:`VisionEncoder` always is (no gradient, always in eval mode).
@@ -159,10 +159,10 @@ class FeatureCache:
         self.hits = self.repeats = self.misses = self.evictions = 0
 
     @staticmethod
-    def keys(frames: torch.Tensor) -> list[bytes]:
-        """One digest per frame of ``(M, C, H, W)``: its bytes, with its shape and dtype."""
+    def keys(frames: torch.Tensor, context: str = "") -> list[bytes]:
+        """One digest per frame of ``(M, C, H, W)``: its bytes, with its shape, dtype and ``context``."""
         x = frames.detach().to("cpu").contiguous()
-        head = f"{tuple(x.shape[1:])}|{x.dtype}".encode()
+        head = f"{tuple(x.shape[1:])}|{x.dtype}{'|' + context if context else ''}".encode()
         rows = x.reshape(len(x), -1).view(torch.uint8).numpy()  # (M, bytes per frame)
         keys = []
         for row in rows:
@@ -171,9 +171,18 @@ class FeatureCache:
             keys.append(h.digest())
         return keys
 
+    @staticmethod
+    def context(device: torch.device) -> str:
+        """What besides the frame decides the encoder's output: autocast on ``device`` (bf16-mixed training
+        computes the features at bf16 precision; an evaluation after it without autocast must not get them)."""
+        kind = torch.device(device).type
+        if torch.is_autocast_enabled(kind):
+            return f"autocast={torch.get_autocast_dtype(kind)}"
+        return ""
+
     def encode(self, frames: torch.Tensor, encoder) -> torch.Tensor:
         """``encoder(frames)`` ``(M, N, D)``, computed only for the frames not in the cache (once each)."""
-        keys = self.keys(frames)
+        keys = self.keys(frames, self.context(frames.device))
         found: dict[bytes, torch.Tensor] = {}
         todo: dict[bytes, int] = {}  # key -> index of its first frame in this call
         for i, key in enumerate(keys):
