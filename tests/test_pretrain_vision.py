@@ -177,3 +177,20 @@ def test_damaged_pair_shards_are_skipped_counted_and_reported(world, tmp_path, c
     report = pretrain_vision(TINY_VISION, damaged, {**FAST, "steps": 2, "sources": ["ltip"]}, tmp_path,
                              progress=False)
     assert report["skipped"]["train"] == {"corrupt_tar": 1, "missing_text": 1} and report["skipped"]["val"] == {}
+
+
+def test_text_mask_keeps_real_tokens_equal_to_pad():
+    """A tokenizer whose pad token is its eos (GPT-2, Llama, SmolLM once prepared) writes eos into real text:
+    the mask follows each text's length, not `ids != pad`."""
+    from flamingo_lab.pretrain.vision import encode_texts
+
+    class EosIsPad:
+        pad_token_id = 2
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [1, *(5 + len(w) for w in text.split()), 2]}  # bos, words, eos
+
+    ids, mask = encode_texts(EosIsPad(), ["a red circle", "a big blue square"], text_len=8)
+    assert ids[0].tolist() == [1, 6, 8, 11, 2, 2, 2, 2]
+    assert mask.sum(1).tolist() == [5, 6]  # eos counted; before: 4 and 5 (the eos masked with the padding)
+    assert mask[0].tolist() == [True] * 5 + [False] * 3

@@ -205,3 +205,108 @@ def test_eval_curve_records_few_shot_scores_against_steps(tiny_world_dir, tmp_pa
         entry = p["scores"]["vqav2"]["0"]
         assert 0.0 <= entry["score"] <= 100.0 and any(k.startswith("qtype=") for k in entry["breakdown"])
     assert "eval" not in results  # the end-of-training evaluation was switched off
+
+
+# --- resume: a resumed run is the uninterrupted one ------------------------------------------------------
+
+
+def _quiet(world: Path, *extra: str) -> list[str]:
+    return tiny_overrides(world, "logger=none", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+                          "eval.at_end_of_training=false", *extra)
+
+
+@pytest.mark.parametrize("optimisation", ["accumulate", "round_robin"])
+def test_a_resumed_run_trains_and_reports_as_the_uninterrupted_one(optimisation, tiny_world_dir, tmp_path):
+    """Stopped at step 6 and resumed to 12, a run sees the batches the uninterrupted run sees (each stream goes
+    on where it stopped; round robin at the source whose turn it was: 6 is no multiple of 4 sources), and its
+    results.json holds the whole loss curve, every step time, the accuracy curve and the samples of all 12 steps.
+    Before, the resumed streams were re-seeded (other batches, other losses) and round robin started again
+    at the first source, and the results held only what came after the resume."""
+    from flamingo_lab.training.run import train
+
+    extra = [f"data.optimisation={optimisation}", "eval.curve.every_n_steps=3", "eval.curve.tasks=[vqav2]",
+             "eval.curve.shots=[0]", "eval.curve.max_items=2"]
+    whole = train(compose(_quiet(tiny_world_dir, "trainer.max_steps=12", *extra)), tmp_path / "whole")
+    train(compose(_quiet(tiny_world_dir, "trainer.max_steps=6", *extra)), tmp_path / "cut")
+    resumed = train(compose(_quiet(tiny_world_dir, "trainer.max_steps=12", "resume=last", *extra)), tmp_path / "cut")
+
+    assert resumed["steps"] == whole["steps"] == 12
+    assert resumed["loss"]["curve"]["step"] == list(range(1, 13))
+    assert resumed["loss"]["curve"]["loss"] == pytest.approx(whole["loss"]["curve"]["loss"], rel=1e-5, abs=1e-6)
+    assert resumed["gates"] == pytest.approx(whole["gates"], rel=1e-4, abs=1e-7)
+    assert resumed["data"]["per_source"] == whole["data"]["per_source"]
+    assert [p["step"] for p in resumed["eval_curve"]] == [p["step"] for p in whole["eval_curve"]] == [0, 3, 6, 9, 12]
+    cycle = 4 if optimisation == "round_robin" else 1  # a step time spans every source once
+    assert resumed["step_time_s"]["n"] >= 12 // cycle - 1 and resumed["step_time_s"]["mean"] > 0
+
+
+def test_resume_refuses_another_config_and_keeps_the_results(tiny_world_dir, tmp_path):
+    """The optimiser and schedule come from the checkpoint, so a resume with another optim.lr (or model, data,
+    seed) trained neither config, silently. It is refused, naming the setting, and the folder's complete
+    results.json stays; max_steps may change; force=true resumes anyway."""
+    from flamingo_lab.training.run import ResumeRefused, run
+
+    run(compose(_quiet(tiny_world_dir, "trainer.max_steps=4")), tmp_path)
+    before = (tmp_path / "results.json").read_text()
+    with pytest.raises(ResumeRefused, match=r"optim\.lr: 0\.002 -> 0\.01"):
+        run(compose(_quiet(tiny_world_dir, "trainer.max_steps=6", "resume=last", "optim.lr=0.01")), tmp_path)
+    assert (tmp_path / "results.json").read_text() == before
+    assert run(compose(_quiet(tiny_world_dir, "trainer.max_steps=6", "resume=last")), tmp_path)["steps"] == 6
+    forced = run(compose(_quiet(tiny_world_dir, "trainer.max_steps=8", "resume=last", "seed=3", "force=true")), tmp_path)
+    assert forced["steps"] == 8
+
+
+def test_loss_history_weighs_round_robin_sources_as_accumulation_does():
+    """Round robin: each batch holds one source, its loss scaled lambda_s / mean lambda. A window of 10 steps over
+    4 sources holds 3, 3, 2 and 2 turns; a plain mean of the scaled losses then swings with the cycle's phase
+    (the curve and loss.final of the round-robin row). Each window is the mean over its sources."""
+    from types import SimpleNamespace
+
+    from flamingo_lab.data.mixture import loss_scale
+    from flamingo_lab.training.callbacks import LossHistory
+
+    data = {"batch_size": 4, "seq_len": 8, "max_images": 1, "optimisation": "round_robin",
+            "sources": {"m3w": 1.0, "ltip": 0.2, "align": 0.2, "vtp": 0.03}}
+    scale = loss_scale(data)
+    history = LossHistory(every_n_steps=10)
+    trainer = SimpleNamespace(global_step=0, max_steps=1000)
+    names = list(scale)
+    for k in range(40):
+        trainer.global_step = k + 1
+        source = names[k % len(names)]
+        history.on_train_batch_end(trainer, None, {"loss": torch.tensor(2.0 * scale[source])}, {source: {}}, k)
+    assert history.steps == [10, 20, 30, 40]
+    assert history.losses == pytest.approx([2.0] * 4)  # sum_s lambda_s L_s / sum_s lambda_s with every L_s = 2
+
+
+def test_a_run_trains_the_same_whether_its_pretraining_stage_was_built_now_or_found(tiny_world_dir, tmp_path):
+    """Same config and seed, same run: the first run of a sweep builds the LM stage in its own process (which
+    reseeds and draws from the global RNG), the next finds it in the cache. The Flamingo's new layers were
+    initialised from whatever RNG state the build left, so the run that built the stage trained another model."""
+    from flamingo_lab.training.run import train
+
+    stage = [f"pretrain.cache_dir={tmp_path / 'cache'}", "pretrain.lm.enabled=true", "pretrain.lm.steps=5",
+             "pretrain.lm.batch_size=4", "pretrain.lm.seq_len=32", "pretrain.lm.bf16=false", "trainer.max_steps=3"]
+    built = train(compose(_quiet(tiny_world_dir, *stage)), tmp_path / "built")
+    found = train(compose(_quiet(tiny_world_dir, *stage)), tmp_path / "found")
+    assert built["pretrained"]["lm"]["built_now"] and not found["pretrained"]["lm"]["built_now"]
+    assert built["loss"]["curve"] == found["loss"]["curve"]
+    assert built["gates"] == found["gates"]
+
+
+@pytest.mark.parametrize("lm", ["gpt2", "llama"])
+def test_an_lm_trained_with_the_flamingo_never_decays_its_embedding_rows(lm, tiny_tokenizer_dir):
+    """optim.parameter_groups promises no weight decay on embedding rows; it found them by "embed" in the name,
+    which GPT-2's token and position tables (``wte``, ``wpe``) do not have: with model.lm.freeze=train_pretrained
+    they were decayed at 0.1 with the matrices."""
+    from flamingo_lab.training.optim import parameter_groups
+
+    cfg = compose(["scale=tiny", f"model/lm={lm}", f"model.lm.tokenizer={tiny_tokenizer_dir}",
+                   "model.lm.freeze=train_pretrained"])
+    model = build_flamingo(cfg.model)
+    tables = {id(m.weight) for m in model.lm.modules() if isinstance(m, torch.nn.Embedding)}
+    assert tables
+    for group in parameter_groups(model, OmegaConf.to_container(cfg.optim, resolve=True)):
+        for p in group["params"]:
+            if id(p) in tables:
+                assert group["weight_decay"] == 0.0 and group["name"].endswith("no_decay"), group["name"]

@@ -28,7 +28,11 @@ def _locked(folder: Path):
     """One builder per stage folder across processes (parallel sweep jobs, DDP ranks)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.with_name(folder.name + ".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # say why this run stands still (a stage build takes minutes)
+            log.info("pretraining stage %s: another process is building it; waiting for it", folder.name)
+            fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:

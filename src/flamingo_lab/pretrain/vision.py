@@ -85,10 +85,12 @@ def _scene_targets(scene: dict, colours: list[str], shapes: list[str], sizes: li
 def encode_texts(tokenizer, texts: list[str], text_len: int, drop: set[int] = frozenset()) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, text_len) token ids (padded, cut; ids in ``drop`` left out) and their mask."""
     ids = torch.full((len(texts), text_len), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(texts), text_len), dtype=torch.bool)
     for i, t in enumerate(texts):
         tok = [j for j in tokenizer(t, add_special_tokens=True)["input_ids"] if j not in drop][:text_len]
         ids[i, : len(tok)] = torch.tensor(tok)
-    return ids, ids != tokenizer.pad_token_id
+        mask[i, : len(tok)] = True  # by length, not `ids != pad`: a tokenizer whose pad is its eos (GPT-2, Llama)
+    return ids, mask
 
 
 def load_pairs(world: dict, split: str, sources: list[str], tokenizer, image_size: int, text_len: int) -> dict:

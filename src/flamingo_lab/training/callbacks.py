@@ -14,18 +14,23 @@ class StepTimer(pl.Callback):
     With ``data.optimisation=accumulate`` every optimiser step sees every source, so a step is one
     optimiser step. With ``round_robin`` each optimiser step sees one source, so a step is the
     ``S`` consecutive optimiser steps that see every source once (``datamodule.updates_per_cycle``).
-    The first ``skip`` measured steps are left out of the mean: they pay one-off warm-up.
+    The first ``skip`` measured steps are left out of the mean: they pay one-off warm-up. The times
+    travel in the checkpoint, so a resumed run reports all of its steps; the first ``skip`` after a
+    resume pay the warm-up again and are left out too.
     """
 
     def __init__(self, skip: int = 3):
         self.skip = skip
         self.times: list[float] = []
+        self.warmup: set[int] = set()  # indices in ``times`` of the warm-up steps (after the start and each resume)
         self.updates_per_step = 1
         self._last_step = None
         self._mark = None
+        self._measured_since_start = 0
 
     def on_train_start(self, trainer, pl_module):
         self.updates_per_step = max(1, int(getattr(trainer.datamodule, "updates_per_cycle", 1) or 1))
+        self._mark, self._last_step, self._measured_since_start = None, None, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._mark is None:
@@ -35,18 +40,33 @@ class StepTimer(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step - self._last_step >= self.updates_per_step:  # every source updated once
             now = time.perf_counter()
+            if self._measured_since_start < self.skip:
+                self.warmup.add(len(self.times))
+            self._measured_since_start += 1
             self.times.append(now - self._mark)
             self._mark, self._last_step = now, trainer.global_step
             pl_module.log("train/step_time", self.times[-1], on_step=True, on_epoch=False)
 
+    def state_dict(self) -> dict:
+        return {"times": list(self.times), "warmup": sorted(self.warmup)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.times = list(state_dict.get("times", []))
+        self.warmup = set(state_dict.get("warmup", range(min(self.skip, len(self.times)))))
+
+    @property
+    def measured(self) -> list[float]:
+        """The step times less the warm-up ones (all of them when there are no others)."""
+        return [t for i, t in enumerate(self.times) if i not in self.warmup] or self.times
+
     @property
     def mean(self) -> float | None:
-        measured = self.times[self.skip :] or self.times
+        measured = self.measured
         return statistics.fmean(measured) if measured else None
 
     @property
     def median(self) -> float | None:
-        measured = self.times[self.skip :] or self.times
+        measured = self.measured
         return statistics.median(measured) if measured else None
 
 
@@ -66,30 +86,53 @@ class GateLogger(pl.Callback):
 
 
 class LossHistory(pl.Callback):
-    """Mean training loss over each window of ``every_n_steps`` batches, for results.json and loss plots."""
+    """Mean training loss over each window of ``every_n_steps`` batches, for results.json and loss plots.
+
+    The loss of a batch is the weighted one the update used (flamingo_lab.data.mixture.loss_scale). With
+    ``data.optimisation=round_robin`` a batch holds one source and its loss is ``lambda_s L_s / mean lambda``:
+    a window is then the mean over its sources of each source's mean, ``sum_s lambda_s L_s / sum_s lambda_s``
+    as with ``accumulate``, whatever share of the window each source had (a plain mean would weigh a source
+    by how many of its turns fell in the window, and the curve would swing with the phase of the cycle).
+    The curve travels in the checkpoint, so a resumed run reports all of it.
+    """
 
     def __init__(self, every_n_steps: int = 10):
         self.every_n_steps = max(1, every_n_steps)
         self.steps: list[int] = []
         self.losses: list[float] = []
         self.val_loss: float | None = None
-        self._window: list[float] = []
+        self._window: dict[str, list[float]] = {}
+
+    @staticmethod
+    def _sources(batch) -> str:
+        if isinstance(batch, dict) and batch and "input_ids" not in batch:
+            return ",".join(sorted(batch))  # {source: batch}: one source (round robin) or all (accumulate)
+        return "data"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is None:
             return
-        self._window.append(float(loss.detach()))
+        self._window.setdefault(self._sources(batch), []).append(float(loss.detach()))
         step = trainer.global_step
-        if len(self._window) >= self.every_n_steps or step >= (trainer.max_steps or float("inf")):
+        if sum(map(len, self._window.values())) >= self.every_n_steps or step >= (trainer.max_steps or float("inf")):
             self.steps.append(step)
-            self.losses.append(statistics.fmean(self._window))
-            self._window = []
+            self.losses.append(statistics.fmean(statistics.fmean(v) for v in self._window.values()))
+            self._window = {}
 
     def on_validation_epoch_end(self, trainer, pl_module):
         value = trainer.callback_metrics.get("val/loss")
         if value is not None:
             self.val_loss = float(value)
+
+    def state_dict(self) -> dict:
+        return {"steps": list(self.steps), "losses": list(self.losses), "val_loss": self.val_loss,
+                "window": {k: list(v) for k, v in self._window.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.steps, self.losses = list(state_dict["steps"]), list(state_dict["losses"])
+        self.val_loss = state_dict.get("val_loss")
+        self._window = {k: list(v) for k, v in state_dict.get("window", {}).items()}
 
     def summary(self) -> dict:
         """First and final window means of the training loss, the last validation loss and the curve."""
@@ -141,4 +184,14 @@ class EvalCurve(pl.Callback):
             self._evaluate(trainer, pl_module)
 
     def on_train_start(self, trainer, pl_module):
-        self._evaluate(trainer, pl_module)  # step 0: the untrained gates (the LM alone)
+        # step 0: the untrained gates (the LM alone); a resumed run adds no point the uninterrupted one has not
+        if trainer.global_step == 0 or trainer.global_step % self.every_n_steps == 0:
+            self._evaluate(trainer, pl_module)
+
+    def state_dict(self) -> dict:
+        """The points so far travel in the checkpoint: a resumed run keeps them and evaluates none twice."""
+        return {"points": list(self.points), "done": sorted(self._done)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.points = list(state_dict.get("points", []))
+        self._done = set(state_dict.get("done", []))

@@ -15,6 +15,7 @@ and in the stream itself while it delivers nothing; a source with no usable samp
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Callable, Iterable, Iterator
 
 import lightning.pytorch as pl
@@ -68,11 +69,27 @@ class _FullBatchesOrSkips:
                 "skipped": torch.stack([s["skipped"] for s in samples])}
 
 
+class _FastForward:
+    """``loader`` less its first ``n`` batches: those a resumed run has already trained on (a generator, so
+    that Lightning's iter() to check the loader reads nothing)."""
+
+    def __init__(self, loader: Iterable, n: int):
+        self.loader, self.n = loader, n
+
+    def __iter__(self) -> Iterator:
+        it = iter(self.loader)
+        for _ in range(self.n):
+            next(it)
+        yield from it
+
+
 class FlamingoDataModule(pl.LightningDataModule):
     """Per-source training loaders (infinite, seeded) and a finite validation pass, all at fixed shapes.
 
-    The training streams are re-seeded with the global step at which they start, so a resumed run
-    continues on fresh samples instead of replaying the ones it has already seen.
+    The training batches delivered per source travel in the checkpoint (with the skip counts), so a resumed
+    run continues each stream where it stopped: its streams start from the same seeds and pass over the
+    batches already trained on (round robin resumes at the source whose turn it was), and it trains on the
+    batches the uninterrupted run would have.
     """
 
     def __init__(self, cfg: dict[str, Any]):
@@ -86,6 +103,8 @@ class FlamingoDataModule(pl.LightningDataModule):
         self.tally = SkipTally(self.specs, self.data.get("max_skip_share"), int(self.data.get("skip_min_samples", 200)))
         self.val_tally = SkipTally(self.specs)  # the latest validation pass (counted, never stops the run)
         self.val_passes = 0
+        self.delivered: Counter = Counter()  # training batches delivered per source (the streams' positions)
+        self._restored = False
 
     # -- what other parts read --------------------------------------------------------------
 
@@ -147,21 +166,56 @@ class FlamingoDataModule(pl.LightningDataModule):
             multiprocessing_context=worker_context() if workers > 0 else None,
         )
 
-    def train_loaders(self, start_step: int = 0) -> dict[str, DataLoader]:
-        """One infinite loader per source, seeded by (seed, source, start step)."""
+    def train_loaders(self) -> dict[str, DataLoader]:
+        """One infinite loader per source, seeded by (seed, source)."""
         shards = self._shards("train")
-        base = int(self.cfg["seed"]) * 1_000_003 + start_step
+        base = int(self.cfg["seed"]) * 1_000_003
         return {
             s: self._loader(self._stream(s, shards[s], True, seed=base + 7919 * i), self.specs[s]["batch_size"], True)
             for i, s in enumerate(self.specs)
         }
 
-    def train_dataloader(self):
-        start_step = self.trainer.global_step if self.trainer is not None else 0
-        loaders = self.train_loaders(start_step)
+    def _consumed(self) -> dict[str, int]:
+        """Training batches each source has delivered before this fit: the checkpoint's count, or for a
+        checkpoint written before the count was kept, what its step implies."""
+        if self._restored or self.trainer is None or not self.trainer.global_step:
+            return {s: int(self.delivered[s]) for s in self.specs}
+        batches = int(self.trainer.global_step) * int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1)
         if self.mode == "round_robin":
-            return RoundRobin(loaders)
+            n = len(self.specs)
+            return {s: (batches - i + n - 1) // n for i, s in enumerate(self.specs)}
+        return {s: batches for s in self.specs}
+
+    def train_dataloader(self):
+        consumed = self._consumed()
+        self.delivered = Counter(consumed)
+        loaders = {s: _FastForward(dl, consumed[s]) if consumed[s] else dl for s, dl in self.train_loaders().items()}
+        if self.mode == "round_robin":  # in turn from the source whose turn it is
+            names = list(self.specs)
+            first = sum(consumed.values()) % len(names)
+            return RoundRobin({s: loaders[s] for s in names[first:] + names[:first]})
         return CombinedLoader(loaders, mode="max_size_cycle")  # all infinite: one batch of each per step
+
+    # -- checkpoint ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The streams' positions and the skip counts, so that a resumed run continues both."""
+        def tally(t: SkipTally) -> dict:
+            return {"seen": dict(t.seen), "skipped": {s: dict(c) for s, c in t.skipped.items()}}
+
+        return {"delivered": dict(self.delivered), "tally": tally(self.tally), "val_tally": tally(self.val_tally),
+                "val_passes": self.val_passes}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        def restore(t: SkipTally, d: dict) -> None:
+            t.seen = Counter({**{s: 0 for s in self.specs}, **d.get("seen", {})})
+            t.skipped = {**{s: Counter() for s in self.specs}, **{s: Counter(c) for s, c in d.get("skipped", {}).items()}}
+
+        self.delivered = Counter(state_dict.get("delivered", {}))
+        restore(self.tally, state_dict.get("tally", {}))
+        restore(self.val_tally, state_dict.get("val_tally", {}))
+        self.val_passes = int(state_dict.get("val_passes", 0))
+        self._restored = True
 
     def val_dataloader(self):
         shards = self._shards("val")
@@ -182,6 +236,8 @@ class FlamingoDataModule(pl.LightningDataModule):
         if isinstance(batch, dict) and "input_ids" not in batch:  # {source: batch}
             for source, b in batch.items():
                 tally.add(source, b)
+                if training:
+                    self.delivered[source] += 1
             if training:
                 self.tally.check()
         elif isinstance(batch, dict):  # one source's batch (validation interleaves them)

@@ -41,9 +41,12 @@ def part_settings(optim: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
-    """Biases, norms, gates, latents, time embeddings and embedding rows: never weight-decayed."""
-    return param.ndim < 2 or "embed" in name or "latents" in name or "time_emb" in name or "spatial_emb" in name
+def _no_decay(name: str, param: torch.nn.Parameter, embedding_ids: frozenset[int] = frozenset()) -> bool:
+    """Biases, norms, gates, latents, time embeddings and embedding rows: never weight-decayed. Embedding rows are
+    the weights of ``nn.Embedding`` modules (``embedding_ids``; GPT-2's ``wte`` / ``wpe`` hold no "embed" in their
+    names) and parameters named so."""
+    return (param.ndim < 2 or id(param) in embedding_ids or "embed" in name or "latents" in name
+            or "time_emb" in name or "spatial_emb" in name)
 
 
 def parameter_groups(model: torch.nn.Module, optim: dict) -> list[dict]:
@@ -58,6 +61,7 @@ def parameter_groups(model: torch.nn.Module, optim: dict) -> list[dict]:
     lr = float(optim["lr"])
     settings = part_settings(optim)
     gate_params = {id(p) for p in getattr(model, "gate_parameters", lambda: [])()}
+    embedding_ids = frozenset(id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding))
     groups: dict[str, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -70,7 +74,7 @@ def parameter_groups(model: torch.nn.Module, optim: dict) -> list[dict]:
                 raise ValueError(f"trainable parameter '{name}' belongs to no optimiser part "
                                  f"({sorted(_PREFIXES)}); freeze it or extend training/optim.py")
         s = settings[part]
-        key = f"{part}/no_decay" if _no_decay(name, param) or part.endswith("gates") else part
+        key = f"{part}/no_decay" if _no_decay(name, param, embedding_ids) or part.endswith("gates") else part
         wd = 0.0 if key.endswith("/no_decay") else s["weight_decay"]
         group = groups.setdefault(key, {"name": key, "params": [], "weight_decay": wd, "lr": lr * s["lr_mult"]})
         group["params"].append(param)

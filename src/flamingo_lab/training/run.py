@@ -61,8 +61,64 @@ def _resume_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
         return None
     path = ckpt_dir / "last.ckpt" if cfg.resume == "last" else Path(cfg.resume)
     if not path.is_file():
-        raise FileNotFoundError(f"resume={cfg.resume!r}: no checkpoint at {path}")
+        raise NoCheckpoint(f"resume={cfg.resume!r}: no checkpoint at {path}")
     return str(path)
+
+
+class ResumeRefused(ValueError):
+    """``resume=`` cannot continue that checkpoint as asked; nothing in the run folder is touched."""
+
+
+class NoCheckpoint(ResumeRefused, FileNotFoundError):
+    """``resume=`` names no checkpoint file."""
+
+
+#: Settings a resumed run may change from those its checkpoint was trained with: how long it trains (and the
+#: validation point that follows max_steps), what it shows and logs, what it evaluates at the end.
+RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.val_check_interval", "trainer.enable_progress_bar",
+                     "trainer.enable_model_summary", "eval", "logger", "resume", "force")
+
+
+def _differences(before: Any, now: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config containers."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        out = []
+        for k in sorted(set(before) | set(now), key=str):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k not in before or k not in now:
+                out.append(key)
+            else:
+                out += _differences(before[k], now[k], key)
+        return out
+    return [] if before == now else [prefix]
+
+
+def check_resume(container: dict, ckpt_path: str, force: bool = False) -> None:
+    """Refuse (:class:`ResumeRefused`) to resume a checkpoint trained with another config, naming the settings
+    that differ (:data:`RESUME_MAY_CHANGE` may). The optimiser's and scheduler's states come from the checkpoint,
+    so a changed ``optim.lr`` would be ignored silently, and a changed model, data or seed would train a run that
+    is neither the old config nor the new one. ``force=true`` resumes anyway, with a warning."""
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:  # not a zip checkpoint: mmap is not possible
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    before = (ckpt.get("hyper_parameters") or {}).get("cfg")
+    if not isinstance(before, dict):
+        log.warning("resume: %s holds no run config; cannot check that it was trained with this one", ckpt_path)
+        return
+    changed = [k for k in _differences(before, container)
+               if not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE)]
+    if not changed:
+        return
+    shown = "; ".join(f"{k}: {OmegaConf.select(OmegaConf.create(before), k, default=None)!r} -> "
+                      f"{OmegaConf.select(OmegaConf.create(container), k, default=None)!r}" for k in changed[:12])
+    message = (f"resume: {ckpt_path} was trained with another config ({len(changed)} setting(s) differ: {shown}). "
+               f"A resumed run continues the checkpoint's optimiser, schedule and data streams; only "
+               f"{', '.join(RESUME_MAY_CHANGE)} may change. Resume with the checkpoint's settings, start a new run "
+               f"folder for the new ones, or force=true to resume anyway")
+    if not force:
+        raise ResumeRefused(message)
+    log.warning("%s (force=true: resuming anyway)", message)
 
 
 #: Settings that do not change what a run computes: a complete results.json still counts when only these differ.
@@ -195,6 +251,11 @@ def run(cfg: DictConfig, run_dir: str | Path, catch: bool = False) -> dict[str, 
     except Exception as error:
         results = failed_results(cfg, error, key, time.perf_counter() - started)
         _finish_wandb(results)
+        if isinstance(error, ResumeRefused):  # nothing was trained: the folder's results.json stays as it was
+            if not catch:
+                raise
+            log.error("run not resumed: %s", error)
+            return results
         if _rank() == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             _write_json(run_dir / "results.json", results)
@@ -260,9 +321,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     key = config_key(cfg)  # before the pretraining stages point cfg at their weights
-    pl.seed_everything(int(cfg.seed), workers=True)
+    ckpt_dir = run_dir / "checkpoints"
+    resume = _resume_path(cfg, ckpt_dir)
     pretrained = ensure_pretrained(cfg)  # builds or reuses the cached LM / vision stages; points cfg at them
     container = OmegaConf.to_container(cfg, resolve=True)
+    if resume is not None:
+        check_resume(container, resume, force=bool(cfg.get("force", False)))
+    # seeded after the stages: a stage built in this process draws from (and reseeds) the global RNG, and the
+    # Flamingo's initialisation must be the same whether its stages were built now or found in the cache
+    pl.seed_everything(int(cfg.seed), workers=True)
 
     module = FlamingoModule(container)
     datamodule = FlamingoDataModule(container)
@@ -272,7 +339,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     every = int(cfg.trainer.log_every_n_steps)
     timer, gates, history = StepTimer(), GateLogger(every), LossHistory(every)
     curve = make_eval_curve(cfg)
-    ckpt_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=max(every, 50))
     logger = make_logger(cfg, run_dir)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -286,7 +352,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         logger.log_hyperparams({"params": counts})
 
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, ckpt_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     wall = time.perf_counter() - started
     cache = module.model.vision.cache
     cache_after_training = cache.stats() if cache is not None else None
