@@ -310,3 +310,15 @@ def test_an_lm_trained_with_the_flamingo_never_decays_its_embedding_rows(lm, tin
         for p in group["params"]:
             if id(p) in tables:
                 assert group["weight_decay"] == 0.0 and group["name"].endswith("no_decay"), group["name"]
+
+
+def test_a_resumed_run_logs_into_the_wandb_run_it_started(tmp_path):
+    from flamingo_lab.training import run as run_mod
+
+    cfg = compose(["experiment=no_tanh", "scale=tiny"])
+    first = run_mod.make_logger(cfg, tmp_path)._wandb_init
+    assert first["resume"] == "allow" and (tmp_path / "wandb_run_id").read_text().strip() == first["id"]
+    cfg.resume = "last"
+    assert run_mod.make_logger(cfg, tmp_path)._wandb_init["id"] == first["id"]  # before: a second W&B run
+    cfg.resume = None
+    assert run_mod.make_logger(cfg, tmp_path)._wandb_init["id"] != first["id"]  # a fresh run is a new W&B run

@@ -45,9 +45,21 @@ def make_logger(cfg: DictConfig, run_dir: Path):
     tags = [f"{k}={v}" for k, v in ablation_choices(cfg).items()]
     if cfg.get("experiment"):
         tags.append(f"experiment={cfg.experiment}")
+    # A resumed run logs into the W&B run it started (one curve, one summary), not into a second run
+    id_file = Path(run_dir) / "wandb_run_id"
+    if cfg.get("resume") and id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        import secrets
+
+        run_id = secrets.token_hex(4)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
     return WandbLogger(
         project=cfg.logger.project,
         name=cfg.run_name,
+        id=run_id,
+        resume="allow",
         group=cfg.logger.group,
         tags=tags + list(cfg.logger.tags),
         save_dir=str(run_dir),
