@@ -2,7 +2,7 @@
 
 The shapes themselves live in one place, ``conf/scale/<preset>.yaml`` (applied with ``scale=``), and
 the group defaults of ``conf/model/*`` (the resampler's paper shape); this module holds only the paper's
-reported parameter counts (Tables 3-5) and, per Table 3 row, the config overrides that make the row.
+reported parameter counts (Tables 3-5) and, per Table 3 row, its experiment (conf/experiment/<row>.yaml).
 ``flamingo-params`` and tests/test_presets.py compose each row and compare.
 
 How our counts come out (formulas in conf/scale/flamingo-3b.yaml), and where the paper disagrees with
@@ -28,23 +28,26 @@ PAPER_COUNTS: dict[str, dict[str, float]] = {
     "flamingo-80b": {"vision": 435 * M, "resampler": 194 * M, "xattn": 10 * B, "lm": 70 * B, "total": 80 * B},
 }
 
-#: Table 3 (ablations of Flamingo-3B): row -> (Hydra overrides on top of scale=flamingo-3b, paper's params).
-#: Rows that change only data, optimisation, gating or LM freezing keep the baseline's 3.2B.
+#: Table 3 (ablations of Flamingo-3B): label -> (Hydra overrides on top of scale=flamingo-3b, paper's params).
+#: Each row is composed from its own ``conf/experiment/<row>.yaml``, the file the study runs, so the Param
+#: column counts the very model of that row. Rows that change only data, optimisation, gating or LM
+#: freezing keep the baseline's 3.2B. The paper's numbers equal ``flamingo_lab.analysis.paper``'s
+#: (tests/test_rows.py checks both).
 TABLE3_PARAMS: dict[str, tuple[list[str], float]] = {
-    "baseline": ([], 3.2 * B),
-    "tanh gating: no": (["model.xattn.gating=none"], 3.2 * B),
-    "vanilla xattn": (["model/xattn=vanilla"], 2.4 * B),
-    "grafting": (["model/xattn=grafting"], 3.3 * B),
-    "xattn single in middle": (["model.xattn.every=middle"], 2.0 * B),
-    "xattn every 4th": (["model.xattn.every=4"], 2.3 * B),
-    "xattn every 2nd": (["model.xattn.every=2"], 2.6 * B),
-    "resampler MLP": (["model/resampler=mlp"], 3.2 * B),
-    "resampler Transformer": (["model/resampler=transformer"], 3.2 * B),
-    "vision CLIP ViT-L/14": (["model/vision=clip_vit_l14"], 3.1 * B),
-    "vision NFNet-F0": (["model/vision=nfnet_f0"], 2.9 * B),
-    "LM trained from scratch": (["model.lm.freeze=train_from_scratch"], 3.2 * B),
-    "LM fine-tuned": (["model.lm.freeze=train_pretrained"], 3.2 * B),
-    "attend to all previous (Table 10)": (["model.xattn.attend=all_previous"], 3.2 * B),
+    "baseline": (["experiment=baseline"], 3.2 * B),
+    "tanh gating: no": (["experiment=no_tanh"], 3.2 * B),
+    "vanilla xattn": (["experiment=vanilla_xattn"], 2.4 * B),
+    "grafting": (["experiment=grafting"], 3.3 * B),
+    "xattn single in middle": (["experiment=xattn_middle"], 2.0 * B),
+    "xattn every 4th": (["experiment=xattn_every4"], 2.3 * B),
+    "xattn every 2nd": (["experiment=xattn_every2"], 2.6 * B),
+    "resampler MLP": (["experiment=resampler_mlp"], 3.2 * B),
+    "resampler Transformer": (["experiment=resampler_transformer"], 3.2 * B),
+    "vision CLIP ViT-L/14": (["experiment=vision_clip"], 3.1 * B),
+    "vision NFNet-F0": (["experiment=vision_nfnet_f0"], 2.9 * B),
+    "LM trained from scratch": (["experiment=lm_from_scratch"], 3.2 * B),
+    "LM fine-tuned": (["experiment=lm_finetuned"], 3.2 * B),
+    "attend to all previous (Table 10)": (["experiment=attend_all_previous"], 3.2 * B),
 }
 
 #: Component name in Flamingo.parameter_counts() -> row label of the printed table.
