@@ -215,7 +215,7 @@ def _quiet(world: Path, *extra: str) -> list[str]:
                           "eval.at_end_of_training=false", *extra)
 
 
-@pytest.mark.parametrize("optimisation", ["accumulate", "round_robin"])
+@pytest.mark.parametrize("optimisation", ["accumulate", "round_robin", "round_robin_update"])
 def test_a_resumed_run_trains_and_reports_as_the_uninterrupted_one(optimisation, tiny_world_dir, tmp_path):
     """Stopped at step 6 and resumed to 12, a run sees the batches the uninterrupted run sees (each stream goes
     on where it stopped; round robin at the source whose turn it was: 6 is no multiple of 4 sources), and its
@@ -224,7 +224,9 @@ def test_a_resumed_run_trains_and_reports_as_the_uninterrupted_one(optimisation,
     at the first source, and the results held only what came after the resume."""
     from flamingo_lab.training.run import train
 
-    extra = [f"data.optimisation={optimisation}", "eval.curve.every_n_steps=3", "eval.curve.tasks=[vqav2]",
+    mode = optimisation.removesuffix("_update")
+    extra = [f"data.optimisation={mode}", *(["++data.round_robin_step=update"] if mode != optimisation else []),
+             "eval.curve.every_n_steps=3", "eval.curve.tasks=[vqav2]",
              "eval.curve.shots=[0]", "eval.curve.max_items=2"]
     whole = train(compose(_quiet(tiny_world_dir, "trainer.max_steps=12", *extra)), tmp_path / "whole")
     train(compose(_quiet(tiny_world_dir, "trainer.max_steps=6", *extra)), tmp_path / "cut")
@@ -236,8 +238,46 @@ def test_a_resumed_run_trains_and_reports_as_the_uninterrupted_one(optimisation,
     assert resumed["gates"] == pytest.approx(whole["gates"], rel=1e-4, abs=1e-7)
     assert resumed["data"]["per_source"] == whole["data"]["per_source"]
     assert [p["step"] for p in resumed["eval_curve"]] == [p["step"] for p in whole["eval_curve"]] == [0, 3, 6, 9, 12]
-    cycle = 4 if optimisation == "round_robin" else 1  # a step time spans every source once
+    cycle = 4 if optimisation == "round_robin_update" else 1  # a step time spans every source once
     assert resumed["step_time_s"]["n"] >= 12 // cycle - 1 and resumed["step_time_s"]["mean"] > 0
+
+
+def test_a_round_robin_step_sees_every_source_once_as_an_accumulating_step_does(tiny_world_dir, tmp_path):
+    """The paper times a round-robin step over all datasets (1.68 s against accumulation's 1.74 s), so at the same
+    number of steps both see the same data. trainer.max_steps counted single updates before: the round-robin row
+    trained on a quarter of the baseline's batches. data.round_robin_step=update keeps that meaning."""
+    from flamingo_lab.training.run import train
+
+    seen = {}
+    for name, extra in {"accumulate": [], "cycle": ["data.optimisation=round_robin"],
+                        "update": ["data.optimisation=round_robin", "++data.round_robin_step=update"]}.items():
+        r = train(compose(_quiet(tiny_world_dir, "trainer.max_steps=4", *extra)), tmp_path / name)
+        seen[name] = {s: c["seen"] for s, c in r["data"]["per_source"].items()}
+        assert r["steps"] == 4 and r["updates"] == (16 if name == "cycle" else 4)
+        assert r["loss"]["curve"]["step"] == [1, 2, 3, 4]  # training steps, whatever they hold
+    assert seen["cycle"] == seen["accumulate"]
+    assert sum(seen["update"].values()) * 4 == pytest.approx(sum(seen["accumulate"].values()), rel=0.3)
+
+
+def test_the_round_robin_step_enters_the_config_key_only_for_round_robin():
+    """Accumulating runs keep their keys whether the setting is given or not; a round-robin config without it
+    means a cycle now and trains again; `update` (the old meaning) drops out of the key as KEY_BACKWARD_DEFAULTS
+    does, so runs made before the setting (their key had none) count only for `update`."""
+    from flamingo_lab.training.run import KEY_BACKWARD_DEFAULTS, config_key
+
+    base = ["scale=tiny", "data.root=/nonexistent"]
+    acc = config_key(compose(base))
+    assert config_key(compose([*base, "++data.round_robin_step=update"])) == acc
+    assert config_key(compose([*base, "++data.round_robin_step=cycle"])) == acc
+    rr = [*base, "data.optimisation=round_robin"]
+    unset, cycle, update = (config_key(compose([*rr, *extra])) for extra in
+                            ([], ["++data.round_robin_step=cycle"], ["++data.round_robin_step=update"]))
+    assert unset == cycle != update
+    assert KEY_BACKWARD_DEFAULTS["data.round_robin_step"] == "update"
+    with pytest.raises(ValueError, match=r"data.round_robin_step must be one of \('cycle', 'update'\)"):
+        from flamingo_lab.data.mixture import updates_per_step
+
+        updates_per_step({**compose(rr).data, "round_robin_step": "epoch"})
 
 
 def test_resume_refuses_another_config_and_keeps_the_results(tiny_world_dir, tmp_path):

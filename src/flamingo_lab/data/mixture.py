@@ -29,6 +29,7 @@ import torch
 from flamingo_lab.data.shards import SKIP_REASONS
 
 OPTIMISATIONS = ("accumulate", "round_robin")
+ROUND_ROBIN_STEPS = ("cycle", "update")
 SHAPE_KEYS = ("seq_len", "max_images", "frames", "frame_stride", "max_doc_images")
 
 
@@ -74,6 +75,19 @@ def optimisation(data: Mapping[str, Any]) -> str:
     if mode not in OPTIMISATIONS:
         raise ValueError(f"data.optimisation must be one of {OPTIMISATIONS}; got {mode!r}")
     return mode
+
+
+def updates_per_step(data: Mapping[str, Any]) -> int:
+    """Optimiser updates in one training step: 1, or with ``round_robin`` and ``round_robin_step: cycle`` (the
+    default) one per source, so that a round-robin step sees the same data as an accumulating one (the paper
+    times a round-robin step over all datasets, 1.68 s against accumulation's 1.74 s). ``round_robin_step:
+    update`` counts single updates, as before the setting existed: a quarter of the data in as many steps."""
+    if optimisation(data) != "round_robin":
+        return 1
+    step = data.get("round_robin_step", "cycle")
+    if step not in ROUND_ROBIN_STEPS:
+        raise ValueError(f"data.round_robin_step must be one of {ROUND_ROBIN_STEPS}; got {step!r}")
+    return len(source_specs(data)) if step == "cycle" else 1
 
 
 def loss_scale(data: Mapping[str, Any]) -> dict[str, float]:

@@ -73,8 +73,8 @@ class StepTimer(pl.Callback):
 class GateLogger(pl.Callback):
     """Logs tanh(alpha) of every gate (``gates/layer{i}/attn``, ``gates/layer{i}/ffw``) as training runs."""
 
-    def __init__(self, every_n_steps: int = 10):
-        self.every_n_steps = max(1, every_n_steps)
+    def __init__(self, every_n_steps: int = 10, updates_per_step: int = 1):
+        self.every_n_steps = max(1, every_n_steps) * max(1, updates_per_step)
         self.last: dict[str, float] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -96,8 +96,9 @@ class LossHistory(pl.Callback):
     The curve travels in the checkpoint, so a resumed run reports all of it.
     """
 
-    def __init__(self, every_n_steps: int = 10):
-        self.every_n_steps = max(1, every_n_steps)
+    def __init__(self, every_n_steps: int = 10, updates_per_step: int = 1):
+        self.updates_per_step = max(1, updates_per_step)  # the curve's steps are training steps, not updates
+        self.every_n_steps = max(1, every_n_steps) * self.updates_per_step
         self.steps: list[int] = []
         self.losses: list[float] = []
         self.val_loss: float | None = None
@@ -116,7 +117,7 @@ class LossHistory(pl.Callback):
         self._window.setdefault(self._sources(batch), []).append(float(loss.detach()))
         step = trainer.global_step
         if sum(map(len, self._window.values())) >= self.every_n_steps or step >= (trainer.max_steps or float("inf")):
-            self.steps.append(step)
+            self.steps.append(step // self.updates_per_step)
             self.losses.append(statistics.fmean(statistics.fmean(v) for v in self._window.values()))
             self._window = {}
 
@@ -152,8 +153,10 @@ class EvalCurve(pl.Callback):
     Runs on rank 0 of a single-process run only (under DDP the other ranks would wait at the next step).
     """
 
-    def __init__(self, root: str, eval_cfg: dict, every_n_steps: int, tasks, shots, max_items: int):
-        self.root, self.every_n_steps = root, max(1, int(every_n_steps))
+    def __init__(self, root: str, eval_cfg: dict, every_n_steps: int, tasks, shots, max_items: int,
+                 updates_per_step: int = 1):
+        self.updates_per_step = max(1, int(updates_per_step))  # points at training steps (round robin: S updates)
+        self.root, self.every_n_steps = root, max(1, int(every_n_steps)) * self.updates_per_step
         self.cfg = {**eval_cfg, "tasks": list(tasks) if tasks else None, "shots": list(shots),
                     "max_items": int(max_items), "task_max_items": {}}
         self.points: list[dict] = []
@@ -171,7 +174,7 @@ class EvalCurve(pl.Callback):
         for cb in trainer.callbacks:  # evaluation time is not training time: keep it out of the step time
             if isinstance(cb, StepTimer) and cb._mark is not None:
                 cb._mark += time.perf_counter() - started
-        point = {"step": step, "overall": result["overall"], "scores": {
+        point = {"step": step // self.updates_per_step, "overall": result["overall"], "scores": {
             task: {k: {"score": r["score"], "breakdown": r.get("breakdown", {})} for k, r in per_k.items()}
             for task, per_k in result["scores"].items()}}
         self.points.append(point)

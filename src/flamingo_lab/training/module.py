@@ -7,7 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from flamingo_lab.data.mixture import loss_scale
+from flamingo_lab.data.mixture import loss_scale, updates_per_step
 from flamingo_lab.models import build_flamingo
 from flamingo_lab.training.optim import parameter_groups
 
@@ -80,7 +80,9 @@ class FlamingoModule(pl.LightningModule):
         optim = self.cfg["optim"]
         groups = parameter_groups(self.model, optim)
         optimizer = torch.optim.AdamW(groups, lr=float(optim["lr"]), betas=tuple(optim["betas"]))
-        warmup = max(int(optim["warmup_steps"]), 0)
+        # warm-up counts training steps: a round-robin step of S updates (data.round_robin_step) warms up S times
+        data = self.cfg.get("data", {})
+        warmup = max(int(optim["warmup_steps"]), 0) * (updates_per_step(data) if data.get("sources") else 1)
 
         def linear_warmup_then_constant(step: int) -> float:  # paper: linear warm-up, then constant
             return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0

@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from flamingo_lab.config import ablation_choices
+from flamingo_lab.data.mixture import updates_per_step
 from flamingo_lab.pretrain import ensure_pretrained
 from flamingo_lab.training.callbacks import EvalCurve, GateLogger, LossHistory, StepTimer
 from flamingo_lab.training.datamodule import FlamingoDataModule
@@ -138,7 +139,8 @@ KEY_IGNORED = ("force", "resume", "logger")
 #: Settings added after runs were made, at the value that computes what those runs computed (the key did not
 #: exist then): left out of the config key at that value, so a complete run made before the setting existed
 #: still counts (as world.BACKWARD_DEFAULTS does for the world).
-KEY_BACKWARD_DEFAULTS = {"model.resampler.spatial_emb": False, "model.vision.cache_mib": 0}
+KEY_BACKWARD_DEFAULTS = {"model.resampler.spatial_emb": False, "model.vision.cache_mib": 0,
+                         "data.round_robin_step": "update"}
 
 
 def data_fingerprint(root: str | Path) -> str | None:
@@ -176,6 +178,14 @@ def config_key(cfg: DictConfig) -> str:
         container.pop(key, None)
     root = (container.get("data") or {}).get("root")
     container["data_fingerprint"] = data_fingerprint(root) if root else None
+    data = container.get("data")
+    if isinstance(data, dict):
+        if data.get("optimisation", "accumulate") == "round_robin":
+            # what a step is enters the key: a round-robin run made before the setting (one update a step) trains
+            # again; `update` gives the key it had (KEY_BACKWARD_DEFAULTS)
+            data.setdefault("round_robin_step", "cycle")
+        else:
+            data.pop("round_robin_step", None)  # means nothing when accumulating: those runs keep their keys
     for dotted, value in KEY_BACKWARD_DEFAULTS.items():
         *parents, leaf = dotted.split(".")
         node = container
@@ -349,11 +359,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     log.info("parameters: %s", json.dumps(counts))
 
     every = int(cfg.trainer.log_every_n_steps)
-    timer, gates, history = StepTimer(), GateLogger(every), LossHistory(every)
-    curve = make_eval_curve(cfg)
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=max(every, 50))
+    ups = updates_per_step(container["data"])  # round robin: a step is one update per source (data.round_robin_step)
+    timer, gates, history = StepTimer(), GateLogger(every, ups), LossHistory(every, ups)
+    curve = make_eval_curve(cfg, ups)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=max(every, 50) * ups)
     logger = make_logger(cfg, run_dir)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if ups > 1 and trainer_kwargs.get("max_steps", -1) > 0:
+        trainer_kwargs["max_steps"] *= ups  # Lightning counts optimiser updates
     trainer = pl.Trainer(
         **trainer_kwargs,
         logger=logger,
@@ -378,7 +391,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "ablation": ablation_choices(cfg),
         "params": counts,
         "pretrained": pretrained,
-        "steps": trainer.global_step,
+        "steps": trainer.global_step // ups,  # training steps (round robin: each is one update per source)
+        "updates": trainer.global_step,
         "world_size": trainer.world_size,
         "step_time_s": {"mean": timer.mean, "median": timer.median, "n": len(timer.times)},
         "loss": history.summary(),
@@ -413,14 +427,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return results
 
 
-def make_eval_curve(cfg: DictConfig) -> EvalCurve | None:
+def make_eval_curve(cfg: DictConfig, updates_per_step: int = 1) -> EvalCurve | None:
     """The accuracy-against-steps callback when ``eval.curve.every_n_steps`` is set (else None)."""
     curve = OmegaConf.select(cfg, "eval.curve")
     if curve is None or not curve.get("every_n_steps"):
         return None
     eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
     eval_cfg.pop("curve", None)
-    return EvalCurve(cfg.data.root, eval_cfg, curve.every_n_steps, curve.get("tasks"), curve.shots, curve.max_items)
+    return EvalCurve(cfg.data.root, eval_cfg, curve.every_n_steps, curve.get("tasks"), curve.shots, curve.max_items,
+                     updates_per_step)
 
 
 def evaluate_at_end(model, cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
