@@ -632,3 +632,16 @@ def test_render_reads_only_the_sweeps_current_runs(tmp_path, capsys):
     table = (tmp_path / "table3.md").read_text()
     assert "| baseline | 2 |" in table and "| 61.0 ± 12.7 (70.7) |" in table  # t(1) = 12.706, s = sqrt(2), n = 2
     assert "| w/o M3W | 1 |" in table and "| 40.0 (53.4) | -21.0 (-17.3) |" in table
+
+
+def test_a_results_json_without_status_in_a_runs_folder_is_no_complete_run(tmp_path):
+    """flamingo-eval writes results.json without a status: in a run's folder it counted as complete for the
+    sweep's tally (and its exit code), while the table left it out."""
+    from flamingo_lab.sweep import run_status, runs_to_train
+
+    spec = load_sweep(SWEEP, ["rows=[baseline]", "seeds=1", f"out={tmp_path}"])
+    folder = tmp_path / "baseline" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"eval": {"overall_score": 50.0}}))
+    assert run_status(spec)["baseline", 0]["status"] == "unknown"
+    assert runs_to_train(spec) == [("baseline", 0)]

@@ -225,7 +225,7 @@ def ensure_world(spec: DictConfig, env: dict) -> Path:
 
 
 def run_status(spec: DictConfig) -> dict[tuple[str, int], dict]:
-    """Per (row, seed) of the sweep: status (complete | failed | missing) and error."""
+    """Per (row, seed) of the sweep: status (complete | failed | missing | unknown: no status) and error."""
     out = {}
     for row, seed in runs_of(spec):
         path = Path(spec.out) / row / f"seed{seed}" / "results.json"
@@ -233,7 +233,8 @@ def run_status(spec: DictConfig) -> dict[tuple[str, int], dict]:
             results = json.loads(path.read_text())
         except (OSError, ValueError):
             results = {"status": "missing"}
-        out[row, seed] = {"status": results.get("status", "complete"), "error": results.get("error"),
+        # no status: not a training run's results (flamingo-eval writes none), never counted complete
+        out[row, seed] = {"status": results.get("status", "unknown"), "error": results.get("error"),
                           "path": str(path)}
     return out
 
