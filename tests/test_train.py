@@ -146,6 +146,13 @@ def test_tiny_run_end_to_end_loss_falls_and_writes_results(tiny_world_dir, tmp_p
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1, list((run_dir / "wandb").iterdir())
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    # what the numbers may depend on beyond the config: the CPU kernels torch used and the code's commit
+    machine = results["machine"]
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["threads"] >= 1 and machine["cpu"]
+    head = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # the tests run from a git checkout (CI's fresh clone is one)
+        assert machine["code"]["commit"] == head.stdout.strip() and isinstance(machine["code"]["dirty"], bool)
 
 
 def test_checkpoint_reloads_on_its_own_and_resumes(tiny_world_dir, tmp_path):

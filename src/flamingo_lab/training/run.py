@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -309,9 +310,46 @@ def failed_results(cfg: DictConfig, error: BaseException, key: str | None, wall:
         "traceback": "\n".join(tail),
         "config_key": key,
         "wall_time_s": wall,
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count()},
+        "machine": machine(),
         "config": container,
     }
+
+
+def machine() -> dict[str, Any]:
+    """What a run's numbers may depend on beyond its config: the platform, torch and its CPU kernels (the
+    vector instructions it dispatches to change float sums, so the same config can score differently on
+    another CPU), the processor, the threads, the GPU, and the code's git commit (``dirty``: with changes not
+    committed; None outside a git checkout)."""
+    cpu = platform.processor() or None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 -- older torch
+        capability = None
+    return {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "cpu": cpu, "cpu_capability": capability, "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "code": code_version()}
+
+
+def code_version() -> dict[str, Any] | None:
+    """The git commit of the checkout this package runs from, and whether it has uncommitted changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None}
 
 
 def _safe(fn, cfg, default):
@@ -400,7 +438,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "eval_curve": curve.points if curve else None,  # few-shot scores against steps (eval.curve)
         "data": datamodule.skip_counts(),  # samples seen / skipped per source and reason (this rank)
         "wall_time_s": wall,
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count()},
+        "machine": machine(),
         "config": container,
     }
     if trainer.is_global_zero:
