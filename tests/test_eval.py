@@ -469,7 +469,7 @@ def test_overall_records_the_tasks_it_averages_and_leaves_out_one_without_a_refe
     assert "over vqav2; left out (no reference): vatex" in res["table"]
 
 
-def test_fewer_support_items_than_shots_are_reported_not_hidden(task_world, model, caplog):
+def test_fewer_support_items_than_shots_are_reported_not_hidden(task_world, tiny_world_dir, model, caplog):
     """With 2 support items a 4-shot prompt can show only 2 (the query is never its own shot): the result
     records the shots its prompts had, and a warning says how to get k."""
     import logging
@@ -487,6 +487,13 @@ def test_fewer_support_items_than_shots_are_reported_not_hidden(task_world, mode
     assert short["shots_used"] == {"min": 2, "max": 2, "short": 2}
     assert "2 of 2 prompts have fewer than 4 shots" in caplog.text and "eval.max_support" in caplog.text
     assert "shots_used" not in TaskEvaluator(model, task, {**cfg, "max_items": 2}, progress=False).run(0)
+    # the text control's prompts hold no images (each is its scene's words), but their shots are there
+    caplog.clear()
+    scenes = load_tasks(tiny_world_dir)["vqav2"]  # the embedded world's own tasks: items with their scenes
+    with caplog.at_level(logging.WARNING):
+        control = TaskEvaluator(model, scenes, {**cfg, "max_items": 2}, progress=False).run(2, control="text")
+    assert control["shots_used"] == {"min": 2, "max": 2, "short": 0}
+    assert "fewer than" not in caplog.text
 
 
 def test_a_task_without_test_items_is_an_error_that_names_it(task_world, model):

@@ -319,7 +319,7 @@ class TaskEvaluator:
         desc = f"{self.task.name} {k}-shot" + (f" ({control} control)" if control else "")
         out: dict[str, Any] = {"metric": self.task.metric, "n": len(prompts)}
         if k > 0:  # a support pool smaller than k gives shorter prompts: say so, never report them as k-shot silently
-            used = [len(p.images) - 1 for p in prompts]  # every image but the query's is a shot
+            used = [len(p.shown) for p in prompts]  # the shots' answers (the text control's prompts hold no images)
             out["shots_used"] = {"min": min(used), "max": max(used), "short": sum(u < k for u in used)}
             if out["shots_used"]["short"]:
                 log.warning("%s: %d of %d prompts have fewer than %d shots (as few as %d): the support pool%s is "
