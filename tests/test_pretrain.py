@@ -68,6 +68,7 @@ def test_an_interrupted_build_leaves_no_cache(tiny_world_dir, tmp_path):
         ensure_stage("lm", {"a": 1}, world, tmp_path, broken)
     folder, report, built = ensure_stage("lm", {"a": 1}, world, tmp_path, lambda out: {"ok": True})
     assert built and report["ok"] and not (folder / "half.bin").exists()
+    assert report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # where it was built
     assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
 
 

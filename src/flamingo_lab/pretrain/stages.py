@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from flamingo_lab.machine import machine
+
 from . import cache
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ def ensure_stage(stage: str, key_cfg: dict, world: dict, cache_root: str | Path,
             raise
         report["build_seconds"] = round(time.perf_counter() - started, 1)
         report["key_config"] = key_cfg
+        report["machine"] = machine()  # the CPU's kernels change what a build computes (README)
         cache.commit(tmp, folder, report)
         log.info("pretraining stage %r: done in %.0f s", stage, report["build_seconds"])
         return folder, report, True
