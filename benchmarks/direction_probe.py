@@ -4,6 +4,9 @@ For each trained run folder (its last checkpoint), on fresh clips of its world t
 
 - ``latents`` / ``best_latent`` / ``mean_latent``: a linear probe names the direction from the resampler's
   output for the clip: all its latents side by side, the single latent that carries it best, their mean.
+- ``attn_1_head`` / ``attn_heads``: what one text token's cross-attention and dense layer could read: learned
+  queries (1, or the model's cross-attention heads) over the latents with shared keys and values, then a small
+  MLP (an upper bound on that reading's capacity, not what the trained model does).
   The same probes on an untrained resampler of the same config (``untrained_*``) show what training added.
 - ``caption`` / ``qa``: the model itself ranks " left", " right", " up", " down" after
   ``<image>the <colour> <shape> moves`` and after the 0-shot question ``<image>Question: which way does the
@@ -60,25 +63,59 @@ def latents(vision, resampler, xs: torch.Tensor) -> torch.Tensor:
         return torch.cat([resampler(vision(xs[i:i + 128, None]))[:, 0] for i in range(0, len(xs), 128)])
 
 
-def probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-          steps: int = 400) -> float:
-    """Held-out accuracy of a linear probe (features standardised on the training clips)."""
-    mu, sd = train_x.mean(0), train_x.std(0) + 1e-5
-    lin = nn.Linear(train_x.shape[-1], len(DIRECTIONS))
-    opt = torch.optim.Adam(lin.parameters(), 3e-3)
+def _fit_and_score(head: nn.Module, tr: torch.Tensor, ytr: torch.Tensor, te: torch.Tensor, yte: torch.Tensor,
+                   steps: int) -> float:
+    """Train ``head`` on (tr, ytr) with Adam, full batch; its held-out accuracy on (te, yte)."""
+    opt = torch.optim.Adam(head.parameters(), 3e-3)
     for _ in range(steps):
-        loss = F.cross_entropy(lin((train_x - mu) / sd), train_y)
+        loss = F.cross_entropy(head(tr), ytr)
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return round(float((lin((test_x - mu) / sd).argmax(-1) == test_y).float().mean()), 3)
+        return round(float((head(te).argmax(-1) == yte).float().mean()), 3)
+
+
+def probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+          steps: int = 400) -> float:
+    """Held-out accuracy of a linear probe (features standardised on the training clips)."""
+    torch.manual_seed(0)  # the probe's start: the same numbers on every call
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-5
+    lin = nn.Linear(train_x.shape[-1], len(DIRECTIONS))
+    return _fit_and_score(lin, (train_x - mu) / sd, train_y, (test_x - mu) / sd, test_y, steps)
 
 
 def latent_probes(tr: torch.Tensor, ytr: torch.Tensor, te: torch.Tensor, yte: torch.Tensor) -> dict:
     per = [probe(tr[:, j], ytr, te[:, j], yte) for j in range(tr.shape[1])]
     return {"latents": probe(tr.flatten(1), ytr, te.flatten(1), yte), "best_latent": max(per),
             "mean_latent": probe(tr.mean(1), ytr, te.mean(1), yte)}
+
+
+class _AttentionReader(nn.Module):
+    """What one text token's cross-attention and dense layer can read from the latents: ``heads`` learned
+    queries, each attending over the latents with keys and values shared by all of them (as a Flamingo's
+    cross-attention reads them), the heads' outputs side by side, then a small MLP to the four directions."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int = 32, hidden: int = 64):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        self.q = nn.Parameter(torch.randn(heads, dim_head) * 0.1)
+        self.kv = nn.Linear(dim, 2 * heads * dim_head, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(heads * dim_head, hidden), nn.GELU(), nn.Linear(hidden, len(DIRECTIONS)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, L, D) -> (n, 4)
+        k, v = self.kv(x).view(x.shape[0], x.shape[1], 2, self.heads, self.dim_head).unbind(2)
+        w = torch.einsum("hd,nlhd->nhl", self.q, k).div(self.dim_head ** 0.5).softmax(-1)
+        return self.mlp(torch.einsum("nhl,nlhd->nhd", w, v).flatten(1))
+
+
+def attention_probe(tr: torch.Tensor, ytr: torch.Tensor, te: torch.Tensor, yte: torch.Tensor, heads: int,
+                    steps: int = 800, seed: int = 0) -> float:
+    """Held-out accuracy of an :class:`_AttentionReader` with ``heads`` heads (features standardised)."""
+    torch.manual_seed(seed)
+    mu, sd = tr.mean((0, 1)), tr.std((0, 1)) + 1e-5
+    reader = _AttentionReader(tr.shape[-1], heads)
+    return _fit_and_score(reader, (tr - mu) / sd, ytr, (te - mu) / sd, yte, steps)
 
 
 def rank(model, cfg: WorldConfig, test_clips, stem, image_size: int, reverse: bool = False) -> tuple[float, dict]:
@@ -113,7 +150,11 @@ def run_probe(run: str, world: str | None, n_rank: int) -> dict:
     xte = torch.stack([clip_tensor(c, cfg, size) for c in te_clips])
     ytr = torch.tensor([DIRECTIONS.index(c.detail) for c in tr_clips])
     yte = torch.tensor([DIRECTIONS.index(c.detail) for c in te_clips])
-    out = latent_probes(latents(model.vision, model.resampler, xtr), ytr, latents(model.vision, model.resampler, xte), yte)
+    ltr, lte = latents(model.vision, model.resampler, xtr), latents(model.vision, model.resampler, xte)
+    out = latent_probes(ltr, ytr, lte, yte)
+    heads = int(model.cfg.xattn.heads)
+    out["attn_1_head"] = attention_probe(ltr, ytr, lte, yte, heads=1)
+    out[f"attn_{heads}_heads"] = out["attn_heads"] = attention_probe(ltr, ytr, lte, yte, heads=heads)
     torch.manual_seed(0)
     fresh = build_resampler(model.resampler.cfg, model.vision.dim, model.vision.num_tokens).eval()
     untrained = latent_probes(latents(model.vision, fresh, xtr), ytr, latents(model.vision, fresh, xte), yte)
@@ -137,7 +178,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cols = ["latents", "best_latent", "mean_latent", "untrained_latents", "untrained_best_latent",
+    cols = ["latents", "best_latent", "mean_latent", "attn_1_head", "attn_heads", "untrained_latents", "untrained_best_latent",
             "untrained_mean_latent", "caption", "qa", "caption_reversed"]
     print("| run | " + " | ".join(cols) + " | answers (caption; qa) |")
     print("|---" * (len(cols) + 2) + "|")
