@@ -249,6 +249,25 @@ def test_a_resumed_run_trains_and_reports_as_the_uninterrupted_one(optimisation,
     assert resumed["step_time_s"]["n"] >= 12 // cycle - 1 and resumed["step_time_s"]["mean"] > 0
 
 
+def test_a_resumed_run_draws_the_dropout_masks_of_the_uninterrupted_one(tiny_world_dir, tmp_path):
+    """A trained LM with dropout (GPT-2's config has 0.1; the LM fine-tuned row trains it) draws a mask at every
+    step. The checkpoint held no RNG state, and the resumed run's generator stood wherever the loaders and
+    Lightning had left it, so from the cut on it trained with other masks: other losses, other weights. Each
+    training step now draws from a generator seeded by (seed, step), so resuming changes nothing."""
+    from flamingo_lab.training.run import train
+
+    extra = ["model/lm=gpt2", "model.lm.freeze=train_pretrained", "model.lm.arch.resid_pdrop=0.3",
+             "model.lm.arch.embd_pdrop=0.3", "model.lm.arch.attn_pdrop=0.3"]
+    whole = train(compose(_quiet(tiny_world_dir, "trainer.max_steps=8", *extra)), tmp_path / "whole")
+    train(compose(_quiet(tiny_world_dir, "trainer.max_steps=4", *extra)), tmp_path / "cut")
+    resumed = train(compose(_quiet(tiny_world_dir, "trainer.max_steps=8", "resume=last", *extra)), tmp_path / "cut")
+    assert resumed["loss"]["curve"]["loss"] == pytest.approx(whole["loss"]["curve"]["loss"], rel=1e-5, abs=1e-6)
+    assert resumed["gates"] == pytest.approx(whole["gates"], rel=1e-4, abs=1e-7)
+    # and the masks are drawn: the same run without dropout trains to other losses
+    plain = train(compose(_quiet(tiny_world_dir, "trainer.max_steps=8", *extra[:2])), tmp_path / "plain")
+    assert plain["loss"]["curve"]["loss"][1:] != pytest.approx(whole["loss"]["curve"]["loss"][1:], rel=1e-4)
+
+
 def test_a_round_robin_step_sees_every_source_once_as_an_accumulating_step_does(tiny_world_dir, tmp_path):
     """The paper times a round-robin step over all datasets (1.68 s against accumulation's 1.74 s), so at the same
     number of steps both see the same data. trainer.max_steps counted single updates before: the round-robin row

@@ -5,11 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 from flamingo_lab.data.mixture import loss_scale, updates_per_step
 from flamingo_lab.models import build_flamingo
 from flamingo_lab.training.optim import parameter_groups
+
+
+def batch_seed(seed: int, batch: int, rank: int = 0) -> int:
+    """The seed of training batch ``batch`` (counted over the whole run) on process ``rank``: well mixed, so that
+    neighbouring seeds, batches or ranks give unrelated generators (``seed * K + batch`` would give seed 1's first
+    batch to seed 0 at batch K)."""
+    return int(np.random.SeedSequence([int(seed), int(rank), int(batch)]).generate_state(1, dtype=np.uint64)[0])
 
 
 class FlamingoModule(pl.LightningModule):
@@ -35,6 +43,22 @@ class FlamingoModule(pl.LightningModule):
         if isinstance(batch, dict) and "input_ids" in batch:
             return {"data": batch}
         return dict(batch)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        """Seed the global generator (CPU and every GPU) for this training batch from (seed, batch, rank).
+
+        A trained LM with dropout (GPT-2's config has 0.1, and the LM-trained rows train it) draws its masks from
+        the global generator, whose state a checkpoint does not hold and which the loaders, the validation at the
+        cut and Lightning also draw from in an order a resumed run does not repeat; so a resumed run trained with
+        other masks than the uninterrupted one. Seeded per batch, as fairseq seeds each update
+        (``utils.torch_seed(seed, num_updates)``), the masks of a batch depend only on the run's seed and where
+        the batch stands in the run, and a resumed run is the uninterrupted one. The frozen parts run in eval
+        mode and the built LMs have no dropout, so runs that draw nothing here are unchanged by it.
+        """
+        accumulate = int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1)
+        # checkpoints are written after an update, so the position within an accumulation restarts at 0
+        index = int(self.trainer.global_step) * accumulate + batch_idx % accumulate
+        torch.manual_seed(batch_seed(int(self.cfg.get("seed", 0)), index, int(self.global_rank)))
 
     def training_step(self, batch, batch_idx):
         """Weighted sum of the per-source losses (data.optimisation: all sources, or one in turn)."""
