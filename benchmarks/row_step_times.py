@@ -15,6 +15,9 @@ ratio beside it.
     .venv/bin/python benchmarks/row_step_times.py --rows baseline no_m3w --steps 20 --repeats 2
     .venv/bin/python benchmarks/row_step_times.py --out multirun/table3-embedded/step_times.md
 
+``--out X.md`` also writes ``X.json`` (every run's time, the settings and the machine); in a sweep folder,
+``flamingo-sweep ... render=only`` and the notebook take their step column from it.
+
 Needs the embedded world and the pretrained stages of the rows (a ``make run`` made them; a missing
 stage is built first, outside the timed steps). Nothing else should run on the machine meanwhile.
 """
@@ -80,7 +83,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=40, help="training steps per run (the first 3 are warm-up)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per row, rows rotated between repeats")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (the study: 1)")
-    ap.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="also write the table to this markdown file, and the times to the .json beside it (a sweep "
+                         "folder's step_times.md: its rendered table takes the step column from them)")
     ap.add_argument("overrides", nargs="*", help="flamingo-train overrides given to every run (e.g. seed=1)")
     args = ap.parse_args(argv)
     rows = args.rows or sweep_rows()
@@ -101,8 +106,15 @@ def main(argv=None) -> int:
     text = table(times, args.steps, args.repeats, args.threads)
     print(text)
     if args.out:
+        from flamingo_lab.machine import machine
+
         args.out.write_text(text + "\n")
-        print(f"written: {args.out}")
+        record = {"what": "median step time (s) of each run, each row alone (benchmarks/row_step_times.py)",
+                  "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "repeats": args.repeats,
+                  "threads": args.threads, "overrides": list(args.overrides),
+                  "machine": {**machine(), "threads": args.threads}, "times_s": times}
+        args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+        print(f"written: {args.out} and {args.out.with_suffix('.json')}")
     return 0
 
 

@@ -92,6 +92,47 @@ def test_markdown_and_html_show_ours_beside_the_paper(sweep):
     assert html.startswith("<table") and "w/o M3W" in html
 
 
+def test_the_step_column_comes_from_the_rows_timed_alone_when_the_sweep_folder_holds_them(sweep):
+    """The study's runs share the machine, so the step time each records carries the others' load (the embedded
+    baseline's seeds: 627 ± 222 ms side by side, 390 alone). benchmarks/row_step_times.py --out
+    <sweep>/step_times.md leaves each row's times alone beside it, and the table takes its step column from
+    them: the median, its ratio to the benchmark's own baseline and the paper's ratio; a row it did not time
+    shows "–", not the runs' loaded time. Without the file the note under the table says what the column is."""
+    from flamingo_lab.analysis import load_step_times
+    from flamingo_lab.sweep import render
+
+    runs = load_runs(sweep)
+    plain = to_markdown(table3(runs, step_times=load_step_times(sweep)))
+    assert "| step (ms) |" in plain and "| 80 ± 0 |" in plain  # the runs' own times (every seed 0.08 s here)
+    assert "carry the other runs' load" in plain
+
+    bench = {"date": "2026-11-24", "steps": 40, "repeats": 3, "threads": 1,
+             "machine": {"cpu": "AMD EPYC", "code": {"commit": "abcdef0123"}},
+             "times_s": {"baseline": [0.40, 0.39, 0.41], "no_m3w": [0.22, 0.23, 0.25]}}
+    (sweep / "step_times.json").write_text(json.dumps(bench))
+    table = table3(runs, step_times=load_step_times(sweep)).set_index("experiment")
+    assert table.loc["no_m3w", "step_time"] == pytest.approx(0.23)
+    assert table.loc["no_m3w", "step_ratio"] == pytest.approx(0.23 / 0.40)
+    assert table.loc["no_m3w", "step_time_runs"] == pytest.approx(0.08)  # the runs' own, kept
+    md = to_markdown(table.reset_index())
+    cells = {line.split("|")[2].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    assert "| 230 (0.57) | 1.02 (0.59) |" in cells["w/o M3W"]  # paper: 1.02 s against 1.74 s
+    assert "| 400 (1.00) | 1.74 (1.00) |" in cells["baseline"]
+    assert "| – | 1.74 (1.00) |" in cells["no"]  # no tanh gating: not timed alone
+    assert "3 runs of 40 steps with each row alone" in md and "commit abcdef0" in md and "1.14×" in md
+    assert "step ms alone" in to_html(table.reset_index()) and "each row alone" in to_html(table.reset_index())
+
+    written = render(sweep)  # the sweep's render (and the notebook) read the file from the folder
+    assert "| 230 (0.57) |" in written["markdown"].read_text()
+
+    (sweep / "step_times.json").write_text(json.dumps({"times_s": {"no_m3w": [0.2]}}))
+    with pytest.raises(ValueError, match="no baseline among its rows"):
+        load_step_times(sweep)
+    (sweep / "step_times.json").write_text(json.dumps({"baseline": 0.4}))
+    with pytest.raises(ValueError, match="not written by benchmarks/row_step_times.py"):
+        load_step_times(sweep)
+
+
 def test_plots_are_written(sweep, tmp_path):
     runs = load_runs(sweep)
     overall = plot_overall(table3(runs), tmp_path / "overall.png")

@@ -373,7 +373,8 @@ def report_progress(spec: DictConfig, proc: subprocess.Popen, started: float, ev
 def render(sweep_dir: str | Path, spec: DictConfig | None = None) -> dict[str, Path]:
     """Table 3 (markdown, HTML), the tidy runs (CSV) and the plots, written into ``sweep_dir``: from the sweep
     ``spec``'s own runs (:func:`table_paths`), or without one from every results.json under ``sweep_dir``."""
-    from flamingo_lab.analysis import load_runs, plot_loss_curves, plot_overall, table3, to_html, to_markdown
+    from flamingo_lab.analysis import (load_runs, load_step_times, plot_loss_curves, plot_overall, table3, to_html,
+                                       to_markdown)
 
     sweep_dir = Path(sweep_dir)
     paths = None
@@ -389,7 +390,11 @@ def render(sweep_dir: str | Path, spec: DictConfig | None = None) -> dict[str, P
         if not paths:
             raise FileNotFoundError(f"no results of this sweep's rows and seeds under {sweep_dir}")
     runs = load_runs(sweep_dir, paths)
-    table = table3(runs)
+    step_times = load_step_times(sweep_dir)  # benchmarks/row_step_times.py's runs alone, when it left them here
+    print(f"[flamingo-sweep] step column: " + (f"{sweep_dir}/step_times.json (each row alone)" if step_times else
+          "the runs' own times, taken side by side (benchmarks/row_step_times.py --out "
+          f"{sweep_dir}/step_times.md measures each row alone)"), flush=True)
+    table = table3(runs, step_times=step_times)
     written = {"runs": sweep_dir / "runs.csv", "markdown": sweep_dir / "table3.md", "html": sweep_dir / "table3.html"}
     runs.to_csv(written["runs"], index=False)
     written["markdown"].write_text(to_markdown(table))

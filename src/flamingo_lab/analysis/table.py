@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,9 @@ from .stats import diff_ci, mean_ci
 
 #: Columns of the tidy frame that Table 3 summarises (one row per run).
 METRICS = ["params", "step_time", *TASKS, "overall"]
+
+#: Where ``benchmarks/row_step_times.py --out <sweep>/step_times.md`` leaves its measurement for the table.
+STEP_TIMES_FILE = "step_times.json"
 
 
 def flatten_results(results: dict[str, Any], path: str | None = None) -> dict[str, Any]:
@@ -79,6 +83,41 @@ def load_runs(folder: str | Path, paths: list[str | Path] | None = None) -> pd.D
     return pd.DataFrame(rows)
 
 
+def load_step_times(sweep_dir: str | Path) -> dict | None:
+    """The step times ``benchmarks/row_step_times.py`` measured with each row alone, left in ``sweep_dir`` as
+    :data:`STEP_TIMES_FILE` (``--out <sweep_dir>/step_times.md``); None when the folder has none.
+
+    The study trains runs side by side (and anything else on the machine slows them), so the step time each run
+    records carries that load; :func:`table3` takes its step column from this file when there is one."""
+    path = Path(sweep_dir) / STEP_TIMES_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    times = data.get("times_s")
+    if not isinstance(times, dict) or not all(isinstance(v, list) and v for v in times.values()):
+        raise ValueError(f"{path}: no per-row list of step times under 'times_s'; it was not written by "
+                         "benchmarks/row_step_times.py: rerun the benchmark with --out, or delete the file")
+    if "baseline" not in times:
+        raise ValueError(f"{path}: no baseline among its rows ({sorted(times)}), so its ratios have no base: "
+                         "rerun benchmarks/row_step_times.py (it always times the baseline)")
+    return data
+
+
+def _use_step_times(rows: list[dict[str, Any]], step_times: dict) -> None:
+    """Each row's step column from the benchmark (median of its runs alone, ratio to the baseline measured in the
+    same invocation, slowest over fastest run); the runs' own mean stays as ``step_time_runs``."""
+    times = step_times["times_s"]
+    base = statistics.median(times["baseline"])
+    for row in rows:
+        row["step_time_runs"], row["step_time_runs_ci"] = row["step_time"], row["step_time_ci"]
+        ts = times.get(row["experiment"])
+        row["step_time"] = statistics.median(ts) if ts else math.nan  # a row the benchmark did not time: "–"
+        row["step_time_ci"] = math.nan
+        row["step_ratio"] = row["step_time"] / base
+        row["step_spread"] = max(ts) / min(ts) if ts else math.nan
+        row["step_source"] = "alone"
+
+
 def load_wandb(project: str, group: str | None = None, api=None) -> pd.DataFrame:
     """The same tidy frame from a W&B project (runs' ``results`` summary written by flamingo-train)."""
     if api is None:
@@ -98,9 +137,12 @@ def load_wandb(project: str, group: str | None = None, api=None) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def table3(runs: pd.DataFrame, baseline: str = "baseline") -> pd.DataFrame:
+def table3(runs: pd.DataFrame, baseline: str = "baseline", step_times: dict | None = None) -> pd.DataFrame:
     """Per experiment: mean and 95% half-width of every metric over seeds, the paper's numbers,
-    the change from the baseline (ours with its interval, the paper's) and whether they agree."""
+    the change from the baseline (ours with its interval, the paper's) and whether they agree.
+
+    ``step_times`` (:func:`load_step_times`): the step column from ``benchmarks/row_step_times.py``'s runs alone
+    (``step_source`` "alone", with ``step_ratio`` to its baseline) instead of the runs' own times ("runs")."""
     done = runs[runs["status"] == "complete"]
     twice = done[done.duplicated(["experiment", "seed"], keep=False)]
     if len(twice):
@@ -137,8 +179,13 @@ def table3(runs: pd.DataFrame, baseline: str = "baseline") -> pd.DataFrame:
             # the paper's way: same sign as the paper's change (no change at all does not count as agreeing)
             row["agrees"] = None if p_delta is None or math.isnan(delta) or delta == 0 else (delta * p_delta > 0)
             row["significant"] = None if math.isnan(half) else abs(delta) > half
+        row["step_source"] = "runs"
         out.append(row)
-    return pd.DataFrame(out)
+    if step_times is not None:
+        _use_step_times(out, step_times)
+    table = pd.DataFrame(out)
+    table.attrs["step_times"] = {k: v for k, v in (step_times or {}).items() if k != "times_s"} or None
+    return table
 
 
 def _pm(mean: float, half: float, digits: int = 1) -> str:
@@ -171,9 +218,16 @@ def render_rows(table: pd.DataFrame) -> list[dict[str, str]]:
             "seeds": str(r["seeds"]) + (f" (+{r['failed']} failed)" if r["failed"] else ""),
             "params (M)": _pm(r["params"] / 1e6 if r["params"] == r["params"] else math.nan, math.nan, 2),
             "paper params (B)": _paper(r["paper_params"]),
-            "step (ms)": _pm(r["step_time"] * 1e3, r["step_time_ci"] * 1e3, 0),
-            "paper step (s)": _paper(r["paper_step_time"], 2),
         }
+        if r.get("step_source") == "alone":  # measured with the row alone: the ratio is what compares with the paper
+            paper_base = PAPER_TABLE3["baseline"]["step_time"]
+            cells["step ms alone (× baseline)"] = ("–" if _missing(r["step_time"]) else
+                                                   f"{r['step_time'] * 1e3:.0f} ({r['step_ratio']:.2f})")
+            cells["paper step s (× baseline)"] = ("–" if _missing(r["paper_step_time"]) else
+                                                  f"{r['paper_step_time']:.2f} ({r['paper_step_time'] / paper_base:.2f})")
+        else:
+            cells["step (ms)"] = _pm(r["step_time"] * 1e3, r["step_time_ci"] * 1e3, 0)
+            cells["paper step (s)"] = _paper(r["paper_step_time"], 2)
         for t in TASKS:
             cells[t] = f"{_pm(r[t], r[f'{t}_ci'])} ({_paper(r[f'paper_{t}'])})"
         cells["overall"] = f"{_pm(r['overall'], r['overall_ci'])} ({_paper(r['paper_overall'])})"
@@ -194,8 +248,29 @@ def to_markdown(table: pd.DataFrame) -> str:
     head = list(rows[0])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r[h] for h in head) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + step_note(table)
+
+
+def step_note(table: pd.DataFrame) -> str:
+    """What the step column measured, under the table: the benchmark's runs alone, or the runs' own times."""
+    bench = table.attrs.get("step_times")
+    if bench:
+        spread = max((v for v in table.get("step_spread", []) if not _missing(v)), default=math.nan)
+        code = ((bench.get("machine") or {}).get("code") or {}).get("commit") or "?"
+        return (f"\nStep: median of {bench.get('repeats', '?')} runs of {bench.get('steps', '?')} steps with each row "
+                f"alone, {bench.get('threads', '?')} thread(s) (benchmarks/row_step_times.py, {bench.get('date', '?')}, "
+                f"commit {code[:7]}, {(bench.get('machine') or {}).get('cpu', '?')}); the slowest run of a row is at "
+                f"most {spread:.2f}× its fastest. The runs' own times (taken side by side) are in runs.csv.\n")
+    if "step_source" in table and (table["step_source"] == "runs").any():
+        return ("\nStep: the runs' own median step times, mean ± 95% CI over seeds. The study trains runs side by "
+                "side, so these carry the other runs' load: for a step column to compare with the paper's, run "
+                "benchmarks/row_step_times.py --out <sweep folder>/step_times.md and render again.\n")
+    return ""
 
 
 def to_html(table: pd.DataFrame) -> str:
-    return pd.DataFrame(render_rows(table)).to_html(index=False, escape=True)
+    import html
+
+    note = step_note(table).strip()
+    return pd.DataFrame(render_rows(table)).to_html(index=False, escape=True) + (f"\n<p>{html.escape(note)}</p>"
+                                                                                   if note else "")
