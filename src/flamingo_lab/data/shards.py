@@ -22,6 +22,11 @@ sample carries ``skipped`` (counts per reason since the previous sample of its s
 counts made in DataLoader workers reach the training process with the batches. A shard that cannot
 be opened, or that stops before its end-of-archive block (truncated), counts as ``corrupt_tar``.
 
+Each sample also carries where its stream stands (``stream_pos``: raw samples taken from the shuffle
+buffer so far, this one's included; ``stream_worker``: the DataLoader worker that read it), so that a
+resumed run can set each worker's stream there without decoding what it passes over
+(:attr:`SourceStream.resume_from`).
+
 A training (repeating) stream never spins without delivering: when every shard it can read has
 been read to its end with no usable sample in it, it raises a RuntimeError that names the source
 and the fix (see :class:`SourceStream`).
@@ -32,6 +37,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import itertools
 import json
 import logging
 import random
@@ -567,6 +573,12 @@ class SourceStream(IterableDataset):
     were skipped while this process's skipped share is above it. The training process applies that
     threshold to the delivered batches (:class:`~flamingo_lab.data.mixture.SkipTally`); a stream that
     delivers nothing never reaches it there, so it checks here too.
+
+    Resuming: ``resume_from`` maps a DataLoader worker (0 without workers) to the raw samples its stream
+    passes over before it decodes anything: the ``stream_pos`` of the last sample that worker delivered
+    before the checkpoint. Set it before the loader's iterator is made (workers start with a copy of the
+    dataset). The shards are read and shuffled as before, so the stream then goes on exactly as the
+    uninterrupted one; only the decoding and tokenising of what it passes over are saved.
     """
 
     def __init__(
@@ -588,6 +600,7 @@ class SourceStream(IterableDataset):
         self.max_skip_share, self.skip_min_samples = max_skip_share, skip_min_samples
         self.skipped = SkipCounter(source)
         self.delivered = 0  # samples this process's stream has yielded
+        self.resume_from: dict[int, int] = {}  # worker -> raw samples to pass over undecoded (see above)
 
     # -- skips --------------------------------------------------------------------------------
 
@@ -639,9 +652,30 @@ class SourceStream(IterableDataset):
     def _read(self, url: str) -> Iterator[dict]:
         return read_shard(url, self._skip, lambda exn: self._member_error(url, exn))
 
+    def _pass_over(self, items: Iterator[tuple[int, dict]], n: int, dry: _DryShards) -> int:
+        """Take ``n`` raw samples from ``items`` without decoding them; returns how many there were.
+
+        The checkpoint proves the stream delivered up to here, so each read they belong to counts as having
+        delivered (no shard is taken for dry on their account; at worst a source that goes dry just after the
+        resume is found one read of its shards later). Skips met again on the way (a corrupt shard read anew)
+        were counted before the checkpoint, in the tally it restores: they go to a counter that is dropped,
+        and the stream's own skip-share check waits until it decodes again.
+        """
+        counted, guard = self.skipped, self.max_skip_share
+        self.skipped, self.max_skip_share = SkipCounter(self.source), None
+        try:
+            passed = 0
+            for rid, _ in itertools.islice(items, n):
+                dry.tried(rid, delivered=True)
+                passed += 1
+            return passed
+        finally:
+            self.skipped, self.max_skip_share = counted, guard
+
     def __iter__(self) -> Iterator[dict]:
         reachable = self.shards.reachable()
         dry = _DryShards(reachable)
+        _, _, worker, _ = _node_and_worker()
 
         def raw() -> Iterator[tuple[int, dict]]:
             for urls in self.shards.passes():
@@ -653,13 +687,15 @@ class SourceStream(IterableDataset):
                     if dry.end(rid) and self.repeat:
                         raise self._starved(dry.dry, reachable)
 
-        items: Iterable[tuple[int, dict]] = raw()
+        items: Iterator[tuple[int, dict]] = raw()
         if self.shuffle:
             items = _shuffle(items, self.shuffle_buffer, self.seed)
+        tried = self._pass_over(items, int(self.resume_from.get(worker, 0)), dry)
         # Each sample is held until the next is ready, so a finite stream's last sample can also carry the
         # skips after it (none is lost at the end of a validation pass)
         held = None
         for rid, sample in items:
+            tried += 1  # delivered or skipped: either way a resumed stream passes over it
             key = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
             try:
                 out = self.tokenise(decode_sample(sample), self.source)
@@ -672,6 +708,7 @@ class SourceStream(IterableDataset):
             self.delivered += 1
             out["__key__"] = sample.get("__key__", "")
             out["skipped"] = self.skipped.take_pending()
+            out["stream_pos"], out["stream_worker"] = torch.tensor(tried), torch.tensor(worker)
             if held is not None:
                 yield held
             held = out

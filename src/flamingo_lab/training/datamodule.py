@@ -15,6 +15,8 @@ and in the stream itself while it delivers nothing; a source with no usable samp
 
 from __future__ import annotations
 
+import itertools
+import logging
 from collections import Counter
 from typing import Any, Callable, Iterable, Iterator
 
@@ -26,6 +28,8 @@ from torch.utils.data import DataLoader, default_collate
 from flamingo_lab.data.mixture import Interleave, RoundRobin, SkipTally, optimisation, source_specs
 from flamingo_lab.data.shards import load_world, make_source_stream
 from flamingo_lab.models import load_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def worker_context():
@@ -71,25 +75,58 @@ class _FullBatchesOrSkips:
 
 class _FastForward:
     """``loader`` less its first ``n`` batches: those a resumed run has already trained on (a generator, so
-    that Lightning's iter() to check the loader reads nothing)."""
+    that Lightning's iter() to check the loader reads nothing).
 
-    def __init__(self, loader: Iterable, n: int):
-        self.loader, self.n = loader, n
+    The slow way to resume, kept for what the quick one (:attr:`~flamingo_lab.data.shards.SourceStream.resume_from`)
+    cannot do: every batch passed over is decoded and collated again (hours at step 100k). ``note`` sees each
+    one, so that the positions they carry are kept and the next resume can be the quick one.
+    """
+
+    def __init__(self, loader: Iterable, n: int, note: Callable[[dict], None] | None = None):
+        self.loader, self.n, self.note = loader, n, note
 
     def __iter__(self) -> Iterator:
         it = iter(self.loader)
-        for _ in range(self.n):
-            next(it)
+        for batch in itertools.islice(it, self.n):
+            if self.note is not None:
+                self.note(batch)
         yield from it
+
+
+class _Rotated:
+    """``loader``'s batches with each block of ``workers`` rotated to start at its ``first``-th (a generator).
+
+    A DataLoader over an iterable dataset takes its batches from workers 0, 1, ..., W-1 in turn, from worker 0
+    on every new iterator. After n batches the uninterrupted run's next one comes from worker n mod W; a resumed
+    loader whose workers' streams stand where they stopped yields the same batches, each block of W in the order
+    0..W-1, so each block is turned to start at that worker. (Meant for infinite loaders: a short last block is
+    turned the same way.)
+    """
+
+    def __init__(self, loader: Iterable, workers: int, first: int):
+        self.loader, self.workers, self.first = loader, workers, first
+
+    def __iter__(self) -> Iterator:
+        it = iter(self.loader)
+        while block := list(itertools.islice(it, self.workers)):
+            yield from block[self.first:] + block[:self.first]
 
 
 class FlamingoDataModule(pl.LightningDataModule):
     """Per-source training loaders (infinite, seeded) and a finite validation pass, all at fixed shapes.
 
     The training batches delivered per source travel in the checkpoint (with the skip counts), so a resumed
-    run continues each stream where it stopped: its streams start from the same seeds and pass over the
-    batches already trained on (round robin resumes at the source whose turn it was), and it trains on the
+    run continues each stream where it stopped: its streams start from the same seeds and pass over what
+    was already trained on (round robin resumes at the source whose turn it was), and it trains on the
     batches the uninterrupted run would have.
+
+    Passing over is cheap: the checkpoint also keeps, per source and per DataLoader worker, the position of
+    that worker's stream after its last delivered batch (``stream_pos``, raw samples taken from its shuffle
+    buffer), and each resumed stream passes over that many raw samples without decoding them; the loader's
+    batches are then put back in the uninterrupted run's worker order (:class:`_Rotated`). Where positions
+    cannot be used (a checkpoint written before they were kept, another ``data.num_workers``, or several
+    processes: the checkpoint holds rank 0's state only), the run reads through the batches it already
+    trained on instead (:class:`_FastForward`: the same batches, decoded again) and logs why.
     """
 
     def __init__(self, cfg: dict[str, Any]):
@@ -104,6 +141,9 @@ class FlamingoDataModule(pl.LightningDataModule):
         self.val_tally = SkipTally(self.specs)  # the latest validation pass (counted, never stops the run)
         self.val_passes = 0
         self.delivered: Counter = Counter()  # training batches delivered per source (the streams' positions)
+        # per source, per loader worker: the stream_pos of its last delivered training batch (see the class)
+        self.positions: dict[str, dict[int, int]] = {}
+        self.saved_layout: dict[str, int] | None = None  # num_workers, world_size: what the restored positions hold for
         self._restored = False
 
     # -- what other parts read --------------------------------------------------------------
@@ -186,10 +226,46 @@ class FlamingoDataModule(pl.LightningDataModule):
             return {s: (batches - i + n - 1) // n for i, s in enumerate(self.specs)}
         return {s: batches for s in self.specs}
 
+    def _world_size(self) -> int:
+        return int(getattr(self.trainer, "world_size", 1) or 1) if self.trainer is not None else 1
+
+    def _why_not_skip(self, consumed: dict[str, int]) -> str | None:
+        """Why the streams' positions cannot resume this run (None: they can)."""
+        workers = int(self.data["num_workers"])
+        if self._world_size() > 1:
+            return (f"this run has {self._world_size()} processes and the checkpoint holds rank 0's stream "
+                    "positions only")
+        if self.saved_layout is None:
+            return "the checkpoint holds no stream positions (it was written before they were kept)"
+        if self.saved_layout.get("world_size", 1) != 1:
+            return f"the checkpoint was written by {self.saved_layout['world_size']} processes"
+        if self.saved_layout.get("num_workers") != workers:
+            return (f"the checkpoint's streams were read by data.num_workers={self.saved_layout.get('num_workers')} "
+                    f"and this run has {workers}")
+        for s, n in consumed.items():  # worker w has delivered a batch iff w < n (batches come from 0, 1, ... in turn)
+            missing = sorted(set(range(min(n, max(1, workers)))) - set(self.positions.get(s, {})))
+            if missing:
+                return f"the checkpoint has no position for source {s!r} in loader worker(s) {missing}"
+        return None
+
     def train_dataloader(self):
         consumed = self._consumed()
         self.delivered = Counter(consumed)
-        loaders = {s: _FastForward(dl, consumed[s]) if consumed[s] else dl for s, dl in self.train_loaders().items()}
+        loaders = self.train_loaders()
+        why = self._why_not_skip(consumed) if any(consumed.values()) else None
+        if why is None:
+            workers = max(1, int(self.data["num_workers"]))
+            for s, dl in loaders.items():
+                if consumed[s]:
+                    dl.dataset.resume_from = dict(self.positions[s])  # before iter(): workers copy the dataset
+                    if consumed[s] % workers:
+                        loaders[s] = _Rotated(dl, workers, consumed[s] % workers)
+        else:
+            log.warning("resume: %s, so the loaders read through the %d batches already trained on (decoded again; "
+                        "slow for a long run)", why, sum(consumed.values()))
+            self.positions = {}  # made under another layout: the batches read through note the new ones
+            loaders = {s: _FastForward(dl, consumed[s], lambda b, s=s: self._note_position(s, b)) if consumed[s] else dl
+                       for s, dl in loaders.items()}
         if self.mode == "round_robin":  # in turn from the source whose turn it is
             names = list(self.specs)
             first = sum(consumed.values()) % len(names)
@@ -199,12 +275,17 @@ class FlamingoDataModule(pl.LightningDataModule):
     # -- checkpoint ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The streams' positions and the skip counts, so that a resumed run continues both."""
+        """The streams' positions and the skip counts, so that a resumed run continues both. Positions per
+        worker hold only under the same ``num_workers`` and in a single process (Lightning saves rank 0's
+        state alone), so the layout they were made under goes with them."""
         def tally(t: SkipTally) -> dict:
             return {"seen": dict(t.seen), "skipped": {s: dict(c) for s, c in t.skipped.items()}}
 
+        rank = int(getattr(self.trainer, "global_rank", 0) or 0) if self.trainer is not None else 0
+        layout = {"num_workers": int(self.data["num_workers"]), "world_size": self._world_size(), "rank": rank}
         return {"delivered": dict(self.delivered), "tally": tally(self.tally), "val_tally": tally(self.val_tally),
-                "val_passes": self.val_passes}
+                "val_passes": self.val_passes, "positions": {s: dict(p) for s, p in self.positions.items()},
+                "layout": layout}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         def restore(t: SkipTally, d: dict) -> None:
@@ -215,6 +296,9 @@ class FlamingoDataModule(pl.LightningDataModule):
         restore(self.tally, state_dict.get("tally", {}))
         restore(self.val_tally, state_dict.get("val_tally", {}))
         self.val_passes = int(state_dict.get("val_passes", 0))
+        positions = state_dict.get("positions", {})
+        self.positions = {s: {int(w): int(n) for w, n in p.items()} for s, p in positions.items()}
+        self.saved_layout = state_dict.get("layout") if "positions" in state_dict else None
         self._restored = True
 
     def val_dataloader(self):
@@ -228,7 +312,14 @@ class FlamingoDataModule(pl.LightningDataModule):
         self.val_tally = SkipTally(self.specs)
         self.val_passes += 1
 
-    # -- skip accounting --------------------------------------------------------------------
+    # -- skip accounting and stream positions ------------------------------------------------
+
+    def _note_position(self, source: str, batch: dict, keep: bool = True) -> None:
+        """Take the stream position out of a training ``batch`` and (``keep``) note it: where the stream of the
+        worker that made the batch (all of it: a batch comes from one worker) stands after its last sample."""
+        pos, worker = batch.pop("stream_pos", None), batch.pop("stream_worker", None)
+        if keep and pos is not None and worker is not None:
+            self.positions.setdefault(source, {})[int(worker[-1])] = int(pos.max())
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         training = self.trainer is not None and self.trainer.training
@@ -238,9 +329,11 @@ class FlamingoDataModule(pl.LightningDataModule):
                 tally.add(source, b)
                 if training:
                     self.delivered[source] += 1
+                self._note_position(source, b, keep=training)
             if training:
                 self.tally.check()
         elif isinstance(batch, dict):  # one source's batch (validation interleaves them)
+            self._note_position("", batch, keep=False)  # validation streams start afresh each pass
             source = batch.get("source")
             if isinstance(source, (list, tuple)) and source:
                 tally.add(source[0], batch)
