@@ -120,6 +120,7 @@ def test_the_step_column_comes_from_the_rows_timed_alone_when_the_sweep_folder_h
     assert "| 400 (1.00) | 1.74 (1.00) |" in cells["baseline"]
     assert "| – | 1.74 (1.00) |" in cells["no"]  # no tanh gating: not timed alone
     assert "3 runs of 40 steps with each row alone" in md and "commit abcdef0" in md and "1.14×" in md
+    assert "not timed alone: no_tanh" in md
     assert "step ms alone" in to_html(table.reset_index()) and "each row alone" in to_html(table.reset_index())
 
     written = render(sweep)  # the sweep's render (and the notebook) read the file from the folder

@@ -103,11 +103,14 @@ def load_step_times(sweep_dir: str | Path) -> dict | None:
     return data
 
 
-def _use_step_times(rows: list[dict[str, Any]], step_times: dict) -> None:
+def _use_step_times(rows: list[dict[str, Any]], step_times: dict, baseline: str = "baseline") -> None:
     """Each row's step column from the benchmark (median of its runs alone, ratio to the baseline measured in the
     same invocation, slowest over fastest run); the runs' own mean stays as ``step_time_runs``."""
     times = step_times["times_s"]
-    base = statistics.median(times["baseline"])
+    if baseline not in times:
+        raise ValueError(f"the step times measured alone hold no {baseline!r} row ({sorted(times)}), so the "
+                         "ratios have no base: rerun benchmarks/row_step_times.py with it")
+    base = statistics.median(times[baseline])
     for row in rows:
         row["step_time_runs"], row["step_time_runs_ci"] = row["step_time"], row["step_time_ci"]
         ts = times.get(row["experiment"])
@@ -182,9 +185,10 @@ def table3(runs: pd.DataFrame, baseline: str = "baseline", step_times: dict | No
         row["step_source"] = "runs"
         out.append(row)
     if step_times is not None:
-        _use_step_times(out, step_times)
+        _use_step_times(out, step_times, baseline)
     table = pd.DataFrame(out)
-    table.attrs["step_times"] = {k: v for k, v in (step_times or {}).items() if k != "times_s"} or None
+    table.attrs["step_times"] = None if step_times is None else {k: v for k, v in step_times.items() if k != "times_s"}
+    table.attrs["baseline"] = baseline
     return table
 
 
@@ -220,7 +224,7 @@ def render_rows(table: pd.DataFrame) -> list[dict[str, str]]:
             "paper params (B)": _paper(r["paper_params"]),
         }
         if r.get("step_source") == "alone":  # measured with the row alone: the ratio is what compares with the paper
-            paper_base = PAPER_TABLE3["baseline"]["step_time"]
+            paper_base = PAPER_TABLE3[table.attrs.get("baseline", "baseline")]["step_time"]
             cells["step ms alone (× baseline)"] = ("–" if _missing(r["step_time"]) else
                                                    f"{r['step_time'] * 1e3:.0f} ({r['step_ratio']:.2f})")
             cells["paper step s (× baseline)"] = ("–" if _missing(r["paper_step_time"]) else
@@ -253,14 +257,19 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def step_note(table: pd.DataFrame) -> str:
     """What the step column measured, under the table: the benchmark's runs alone, or the runs' own times."""
-    bench = table.attrs.get("step_times")
-    if bench:
-        spread = max((v for v in table.get("step_spread", []) if not _missing(v)), default=math.nan)
+    if "step_source" in table and (table["step_source"] == "alone").any():
+        bench = table.attrs.get("step_times") or {}
+        spread = max((v for v in table["step_spread"] if not _missing(v)), default=math.nan)
+        untimed = [r for r, t in zip(table["experiment"], table["step_time"]) if _missing(t)]
         code = ((bench.get("machine") or {}).get("code") or {}).get("commit") or "?"
+        overrides = bench.get("overrides")
         return (f"\nStep: median of {bench.get('repeats', '?')} runs of {bench.get('steps', '?')} steps with each row "
                 f"alone, {bench.get('threads', '?')} thread(s) (benchmarks/row_step_times.py, {bench.get('date', '?')}, "
-                f"commit {code[:7]}, {(bench.get('machine') or {}).get('cpu', '?')}); the slowest run of a row is at "
-                f"most {spread:.2f}× its fastest. The runs' own times (taken side by side) are in runs.csv.\n")
+                f"commit {code[:7]}, {(bench.get('machine') or {}).get('cpu', '?')}"
+                + (f", overrides {' '.join(overrides)}" if overrides else "") + ")"
+                + ("" if _missing(spread) else f"; the slowest run of a row is at most {spread:.2f}× its fastest")
+                + (f"; not timed alone: {', '.join(untimed)}" if untimed else "")
+                + ". The runs' own times (taken side by side) are in runs.csv.\n")
     if "step_source" in table and (table["step_source"] == "runs").any():
         return ("\nStep: the runs' own median step times, mean ± 95% CI over seeds. The study trains runs side by "
                 "side, so these carry the other runs' load: for a step column to compare with the paper's, run "

@@ -124,9 +124,11 @@ class FlamingoDataModule(pl.LightningDataModule):
     that worker's stream after its last delivered batch (``stream_pos``, raw samples taken from its shuffle
     buffer), and each resumed stream passes over that many raw samples without decoding them; the loader's
     batches are then put back in the uninterrupted run's worker order (:class:`_Rotated`). Where positions
-    cannot be used (a checkpoint written before they were kept, another ``data.num_workers``, or several
-    processes: the checkpoint holds rank 0's state only), the run reads through the batches it already
-    trained on instead (:class:`_FastForward`: the same batches, decoded again) and logs why.
+    cannot be used (a checkpoint written before they were kept, or several processes: the checkpoint holds rank
+    0's state only), the run reads through the batches it already trained on instead (:class:`_FastForward`: the
+    same batches, decoded again) and logs why. So it does under another ``data.num_workers`` (a resume only
+    ``force=true`` allows), where the shards split over the workers otherwise: what it reads through is then not
+    what was trained on, and the run is not the uninterrupted one.
     """
 
     def __init__(self, cfg: dict[str, Any]):

@@ -47,7 +47,8 @@ class FlamingoModule(pl.LightningModule):
     def on_train_batch_start(self, batch, batch_idx):
         """Seed the global generator (CPU and every GPU) for this training batch from (seed, batch, rank).
 
-        A trained LM with dropout (GPT-2's config has 0.1, and the LM-trained rows train it) draws its masks from
+        A trained LM with dropout (a real GPT-2 loaded by ``model.lm.path`` has 0.1 in its config; the LM-trained
+        rows train it) draws its masks from
         the global generator, whose state a checkpoint does not hold and which the loaders, the validation at the
         cut and Lightning also draw from in an order a resumed run does not repeat; so a resumed run trained with
         other masks than the uninterrupted one. Seeded per batch, as fairseq seeds each update
@@ -56,7 +57,8 @@ class FlamingoModule(pl.LightningModule):
         mode and the built LMs have no dropout, so runs that draw nothing here are unchanged by it.
         """
         accumulate = int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1)
-        # checkpoints are written after an update, so the position within an accumulation restarts at 0
+        # checkpoints are written after an update, so a resumed run's first batch starts an accumulation whether
+        # Lightning carries batch_idx on (it does in 2.6) or restarts it
         index = int(self.trainer.global_step) * accumulate + batch_idx % accumulate
         torch.manual_seed(batch_seed(int(self.cfg.get("seed", 0)), index, int(self.global_rank)))
 
