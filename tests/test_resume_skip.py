@@ -126,3 +126,35 @@ def test_rotated_turns_every_block_of_workers_batches_to_start_at_the_given_work
     assert reads == []  # nothing read until the first batch is asked for (Lightning's iter() to check)
     next(rotated)
     assert len(reads) == 2
+
+
+@pytest.mark.slow
+def test_a_resumed_two_process_run_passes_over_each_ranks_batches_and_is_the_uninterrupted_one(tiny_world_dir,
+                                                                                             tmp_path):
+    """Under DDP each rank reads its own part of the shards, so each has its own stream positions, and Lightning
+    saves rank 0's state alone: the positions of every rank are gathered into the checkpoint, and each resumed
+    rank passes over its own. Before, a run of several processes always read through what it had trained on."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def run(folder: str, steps: int, *extra: str):
+        args = _quiet(tiny_world_dir, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                      "trainer.precision=32-true", f"trainer.max_steps={steps}", f"hydra.run.dir={tmp_path / folder}",
+                      *extra)
+        proc = subprocess.run([str(Path(sys.executable).parent / "flamingo-train"), *args], cwd=tmp_path,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline"), capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads((tmp_path / folder / "results.json").read_text()), proc.stdout + proc.stderr
+
+    whole, _ = run("whole", 6)
+    run("cut", 3)
+    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    by_rank = ckpt["FlamingoDataModule"]["positions_by_rank"]
+    assert sorted(by_rank) == [0, 1] and all(by_rank[r]["m3w"] for r in (0, 1))  # every rank's, from rank 0's file
+    resumed, log = run("cut", 6, "resume=last")
+    assert resumed["world_size"] == 2
+    assert resumed["loss"]["curve"]["loss"] == pytest.approx(whole["loss"]["curve"]["loss"], rel=1e-5, abs=1e-6)
+    assert SLOWER not in log

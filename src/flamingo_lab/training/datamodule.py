@@ -124,9 +124,10 @@ class FlamingoDataModule(pl.LightningDataModule):
     that worker's stream after its last delivered batch (``stream_pos``, raw samples taken from its shuffle
     buffer), and each resumed stream passes over that many raw samples without decoding them; the loader's
     batches are then put back in the uninterrupted run's worker order (:class:`_Rotated`). Where positions
-    cannot be used (a checkpoint written before they were kept, or several processes: the checkpoint holds rank
-    0's state only), the run reads through the batches it already trained on instead (:class:`_FastForward`: the
-    same batches, decoded again) and logs why. So it does under another ``data.num_workers`` (a resume only
+    cannot be used (a checkpoint written before they were kept, or by another number of processes: each rank's
+    positions are gathered into the checkpoint, which Lightning writes from rank 0), the run reads through the
+    batches it already trained on instead (:class:`_FastForward`: the same batches, decoded again) and logs why.
+    So it does under another ``data.num_workers`` (a resume only
     ``force=true`` allows), where the shards split over the workers otherwise: what it reads through is then not
     what was trained on, and the run is not the uninterrupted one.
     """
@@ -231,16 +232,34 @@ class FlamingoDataModule(pl.LightningDataModule):
     def _world_size(self) -> int:
         return int(getattr(self.trainer, "world_size", 1) or 1) if self.trainer is not None else 1
 
+    def _rank(self) -> int:
+        return int(getattr(self.trainer, "global_rank", 0) or 0) if self.trainer is not None else 0
+
+    def _positions_by_rank(self) -> dict[int, dict[str, dict[int, int]]]:
+        """Every rank's stream positions. Each rank reads its own part of the shards, so each has its own, and
+        Lightning writes rank 0's state alone: they are gathered from every rank (``state_dict`` runs on all of
+        them when a checkpoint is written) as an (S, W) tensor per rank, -1 where a worker has delivered nothing
+        yet, so that nothing is pickled."""
+        world = self._world_size()
+        if world == 1:
+            return {self._rank(): {s: dict(p) for s, p in self.positions.items()}}
+        names, workers = list(self.specs), max(1, int(self.data["num_workers"]))
+        mine = torch.full((len(names), workers), -1, dtype=torch.long, device=self.trainer.strategy.root_device)
+        for i, s in enumerate(names):
+            for w, n in self.positions.get(s, {}).items():
+                mine[i, w] = n
+        every = self.trainer.strategy.all_gather(mine).reshape(world, len(names), workers).cpu()  # (world, S, W)
+        return {r: {s: {w: int(every[r, i, w]) for w in range(workers) if every[r, i, w] >= 0}
+                    for i, s in enumerate(names) if (every[r, i] >= 0).any()} for r in range(world)}
+
     def _why_not_skip(self, consumed: dict[str, int]) -> str | None:
         """Why the streams' positions cannot resume this run (None: they can)."""
         workers = int(self.data["num_workers"])
-        if self._world_size() > 1:
-            return (f"this run has {self._world_size()} processes and the checkpoint holds rank 0's stream "
-                    "positions only")
         if self.saved_layout is None:
             return "the checkpoint holds no stream positions (it was written before they were kept)"
-        if self.saved_layout.get("world_size", 1) != 1:
-            return f"the checkpoint was written by {self.saved_layout['world_size']} processes"
+        if self.saved_layout.get("world_size", 1) != self._world_size():
+            return (f"the checkpoint was written by {self.saved_layout.get('world_size', 1)} process(es) and this run "
+                    f"has {self._world_size()}")
         if self.saved_layout.get("num_workers") != workers:
             return (f"the checkpoint's streams were read by data.num_workers={self.saved_layout.get('num_workers')} "
                     f"and this run has {workers}")
@@ -278,16 +297,16 @@ class FlamingoDataModule(pl.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """The streams' positions and the skip counts, so that a resumed run continues both. Positions per
-        worker hold only under the same ``num_workers`` and in a single process (Lightning saves rank 0's
-        state alone), so the layout they were made under goes with them."""
+        worker hold only under the same ``num_workers`` and number of processes, so the layout they were made
+        under goes with them; every rank's are gathered (:meth:`_positions_by_rank`)."""
         def tally(t: SkipTally) -> dict:
             return {"seen": dict(t.seen), "skipped": {s: dict(c) for s, c in t.skipped.items()}}
 
-        rank = int(getattr(self.trainer, "global_rank", 0) or 0) if self.trainer is not None else 0
-        layout = {"num_workers": int(self.data["num_workers"]), "world_size": self._world_size(), "rank": rank}
+        layout = {"num_workers": int(self.data["num_workers"]), "world_size": self._world_size(), "rank": self._rank()}
+        by_rank = self._positions_by_rank()
         return {"delivered": dict(self.delivered), "tally": tally(self.tally), "val_tally": tally(self.val_tally),
-                "val_passes": self.val_passes, "positions": {s: dict(p) for s, p in self.positions.items()},
-                "layout": layout}
+                "val_passes": self.val_passes, "positions": by_rank.get(self._rank(), {}),
+                "positions_by_rank": by_rank, "layout": layout}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         def restore(t: SkipTally, d: dict) -> None:
@@ -299,6 +318,8 @@ class FlamingoDataModule(pl.LightningDataModule):
         restore(self.val_tally, state_dict.get("val_tally", {}))
         self.val_passes = int(state_dict.get("val_passes", 0))
         positions = state_dict.get("positions", {})
+        if "positions_by_rank" in state_dict:  # this rank's own (a checkpoint of one process holds rank 0's only)
+            positions = state_dict["positions_by_rank"].get(self._rank(), {})
         self.positions = {s: {int(w): int(n) for w, n in p.items()} for s, p in positions.items()}
         self.saved_layout = state_dict.get("layout") if "positions" in state_dict else None
         self._restored = True
