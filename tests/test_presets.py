@@ -84,3 +84,17 @@ def test_paper_presets_build_on_meta_by_themselves(tiny_tokenizer_dir):
     model = build_flamingo(cfg.model)
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert model.lm.config.vocab_size == 32000  # the preset's vocabulary holds the tokenizer's
+
+
+@pytest.mark.parametrize("scale", ["flamingo-3b", "flamingo-9b", "flamingo-80b"])
+def test_the_paper_scales_train_with_the_papers_recipe_and_the_embedded_scale_with_its_own(scale):
+    """The presets trained with the embedded scale's recipe (lr 2e-3, 20 warm-up steps, gate lr x20, 64-token
+    windows), which serves a 400-step CPU budget: at 3B that is 20x the paper's lr, and nothing said so."""
+    from flamingo_lab.config import compose
+
+    cfg = compose([f"scale={scale}", "experiment=baseline"])
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.gate_lr_mult) == (1e-4, 5000, 1)
+    assert (cfg.data.seq_len, cfg.data.max_images, cfg.optim.weight_decay) == (256, 5, 0.1)
+    assert cfg.trainer.gradient_clip_val == 1.0
+    embedded = compose(["scale=embedded", "experiment=baseline"])
+    assert (embedded.optim.lr, embedded.optim.gate_lr_mult, embedded.data.seq_len) == (2e-3, 20, 64)
