@@ -158,3 +158,26 @@ def test_a_resumed_two_process_run_passes_over_each_ranks_batches_and_is_the_uni
     assert resumed["world_size"] == 2
     assert resumed["loss"]["curve"]["loss"] == pytest.approx(whole["loss"]["curve"]["loss"], rel=1e-5, abs=1e-6)
     assert SLOWER not in log
+
+
+def test_a_checkpoint_written_while_a_batch_trains_resumes_from_that_batch(tiny_world_dir, tmp_path, monkeypatch):
+    """Lightning's SLURM requeue writes its checkpoint from a signal handler, wherever the step stands. The streams'
+    counts and positions were noted as a batch reached the step, so a checkpoint written before the step had
+    updated (global_step still the step before) said the batch was trained on, and the resumed run left it out.
+    The state a checkpoint takes while a batch trains is now the one from before that batch."""
+    from flamingo_lab.training.module import FlamingoModule
+
+    extra = ["data.num_workers=0"]
+    whole = _train(tiny_world_dir, tmp_path / "whole", 6, extra)
+    mid = tmp_path / "mid.ckpt"
+
+    def save_mid_step(self, optimizer):  # after step 3's backward, before its update
+        if self.trainer.global_step == 2 and not mid.exists():
+            self.trainer.save_checkpoint(mid)
+
+    with monkeypatch.context() as m:
+        m.setattr(FlamingoModule, "on_before_optimizer_step", save_mid_step, raising=False)
+        _train(tiny_world_dir, tmp_path / "cut", 3, extra)
+    assert torch.load(mid, map_location="cpu", weights_only=False)["global_step"] == 2
+    resumed = _train(tiny_world_dir, tmp_path / "cut", 6, [*extra, f"resume={mid}"])
+    _same_run(resumed, whole)

@@ -112,6 +112,10 @@ class _Rotated:
             yield from block[self.first:] + block[:self.first]
 
 
+def _tally_state(t: SkipTally) -> dict:
+    return {"seen": dict(t.seen), "skipped": {s: dict(c) for s, c in t.skipped.items()}}
+
+
 class FlamingoDataModule(pl.LightningDataModule):
     """Per-source training loaders (infinite, seeded) and a finite validation pass, all at fixed shapes.
 
@@ -147,6 +151,8 @@ class FlamingoDataModule(pl.LightningDataModule):
         # per source, per loader worker: the stream_pos of its last delivered training batch (see the class)
         self.positions: dict[str, dict[int, int]] = {}
         self.saved_layout: dict[str, int] | None = None  # num_workers, world_size: what the restored positions hold for
+        self._before_batch: dict[str, Any] | None = None  # the state before the training batch in its step
+        self._processed_at = 0  # Lightning's processed-batch count when that batch arrived
         self._restored = False
 
     # -- what other parts read --------------------------------------------------------------
@@ -235,18 +241,18 @@ class FlamingoDataModule(pl.LightningDataModule):
     def _rank(self) -> int:
         return int(getattr(self.trainer, "global_rank", 0) or 0) if self.trainer is not None else 0
 
-    def _positions_by_rank(self) -> dict[int, dict[str, dict[int, int]]]:
+    def _positions_by_rank(self, positions: dict[str, dict[int, int]]) -> dict[int, dict[str, dict[int, int]]]:
         """Every rank's stream positions. Each rank reads its own part of the shards, so each has its own, and
         Lightning writes rank 0's state alone: they are gathered from every rank (``state_dict`` runs on all of
         them when a checkpoint is written) as an (S, W) tensor per rank, -1 where a worker has delivered nothing
         yet, so that nothing is pickled."""
         world = self._world_size()
         if world == 1:
-            return {self._rank(): {s: dict(p) for s, p in self.positions.items()}}
+            return {self._rank(): positions}
         names, workers = list(self.specs), max(1, int(self.data["num_workers"]))
         mine = torch.full((len(names), workers), -1, dtype=torch.long, device=self.trainer.strategy.root_device)
         for i, s in enumerate(names):
-            for w, n in self.positions.get(s, {}).items():
+            for w, n in positions.get(s, {}).items():
                 mine[i, w] = n
         every = self.trainer.strategy.all_gather(mine).reshape(world, len(names), workers).cpu()  # (world, S, W)
         return {r: {s: {w: int(every[r, i, w]) for w in range(workers) if every[r, i, w] >= 0}
@@ -299,14 +305,27 @@ class FlamingoDataModule(pl.LightningDataModule):
         """The streams' positions and the skip counts, so that a resumed run continues both. Positions per
         worker hold only under the same ``num_workers`` and number of processes, so the layout they were made
         under goes with them; every rank's are gathered (:meth:`_positions_by_rank`)."""
-        def tally(t: SkipTally) -> dict:
-            return {"seen": dict(t.seen), "skipped": {s: dict(c) for s, c in t.skipped.items()}}
-
+        trained = self._trained_state()
+        if self._before_batch is not None and self.trainer is not None and self.trainer.training \
+                and self._processed() <= self._processed_at:
+            # written while a batch trains (Lightning's SLURM requeue saves from a signal handler, wherever the step
+            # stands): global_step does not count that batch yet, so neither may the streams, or the resumed run
+            # would leave it out
+            trained = self._before_batch
         layout = {"num_workers": int(self.data["num_workers"]), "world_size": self._world_size(), "rank": self._rank()}
-        by_rank = self._positions_by_rank()
-        return {"delivered": dict(self.delivered), "tally": tally(self.tally), "val_tally": tally(self.val_tally),
+        by_rank = self._positions_by_rank(trained["positions"])
+        return {"delivered": trained["delivered"], "tally": trained["tally"], "val_tally": _tally_state(self.val_tally),
                 "val_passes": self.val_passes, "positions": by_rank.get(self._rank(), {}),
                 "positions_by_rank": by_rank, "layout": layout}
+
+    def _trained_state(self) -> dict[str, Any]:
+        """Where the training streams stand and what they skipped, as plain copies."""
+        return {"delivered": dict(self.delivered), "tally": _tally_state(self.tally),
+                "positions": {s: dict(p) for s, p in self.positions.items()}}
+
+    def _processed(self) -> int:
+        """Training batches Lightning has run through their step (its own progress count)."""
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         def restore(t: SkipTally, d: dict) -> None:
@@ -348,6 +367,8 @@ class FlamingoDataModule(pl.LightningDataModule):
         training = self.trainer is not None and self.trainer.training
         tally = self.tally if training else self.val_tally
         if isinstance(batch, dict) and "input_ids" not in batch:  # {source: batch}
+            if training:  # what a checkpoint holds until this batch has been through its step (state_dict)
+                self._before_batch, self._processed_at = self._trained_state(), self._processed()
             for source, b in batch.items():
                 tally.add(source, b)
                 if training:
