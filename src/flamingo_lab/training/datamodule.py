@@ -279,6 +279,7 @@ class FlamingoDataModule(pl.LightningDataModule):
         consumed = self._consumed()
         self.delivered = Counter(consumed)
         loaders = self.train_loaders()
+        self._train_dataloaders = list(loaders.values())  # teardown() stops their workers
         why = self._why_not_skip(consumed) if any(consumed.values()) else None
         if why is None:
             workers = max(1, int(self.data["num_workers"]))
@@ -298,6 +299,17 @@ class FlamingoDataModule(pl.LightningDataModule):
             first = sum(consumed.values()) % len(names)
             return RoundRobin({s: loaders[s] for s in names[first:] + names[:first]})
         return CombinedLoader(loaders, mode="max_size_cycle")  # all infinite: one batch of each per step
+
+    def teardown(self, stage: str | None = None) -> None:
+        """Stop the training loaders' worker processes at the end of the run. Lightning stops those of the loaders
+        it can see, but the wrappers here (round robin, rotation, fast-forward) hide them, and their persistent
+        workers lived on until garbage collection, holding their prefetched batches (a process that trains run
+        after run, as a sweep's worker or the test suite, gathered them and then waited minutes to stop them)."""
+        from lightning.pytorch.utilities.combined_loader import _shutdown_workers_and_reset_iterator
+
+        for loader in getattr(self, "_train_dataloaders", []):
+            _shutdown_workers_and_reset_iterator(loader)
+        self._train_dataloaders = []
 
     # -- checkpoint ---------------------------------------------------------------------------
 
