@@ -388,3 +388,8 @@ def test_a_resumed_run_logs_into_the_wandb_run_it_started(tmp_path):
     assert run_mod.make_logger(cfg, tmp_path)._wandb_init["id"] == first["id"]  # before: a second W&B run
     cfg.resume = None
     assert run_mod.make_logger(cfg, tmp_path)._wandb_init["id"] != first["id"]  # a fresh run is a new W&B run
+    cfg.resume = "auto"  # the default: the W&B run follows what the run does (training.run.train passes it)
+    again = run_mod.make_logger(cfg, tmp_path, resuming=True)._wandb_init["id"]
+    assert run_mod.make_logger(cfg, tmp_path, resuming=True)._wandb_init["id"] == again
+    assert run_mod.make_logger(cfg, tmp_path, resuming=False)._wandb_init["id"] != again
+    assert run_mod.make_logger(cfg, tmp_path)._wandb_init["id"] != again  # auto, no checkpoint found

@@ -255,6 +255,12 @@ def runs_to_train(spec: DictConfig) -> list[tuple[str, int]]:
     return [pair for pair, v in run_status(spec).items() if v["status"] != "complete" or not _current(spec, *pair, v)]
 
 
+def _holds_checkpoint(run_dir: Path) -> bool:
+    from flamingo_lab.training.callbacks import InterruptCheckpoint
+
+    return any((run_dir / "checkpoints" / name).is_file() for name in ("last.ckpt", InterruptCheckpoint.FILENAME))
+
+
 def _current(spec: DictConfig, row: str, seed: int, status: dict) -> bool:
     """Whether run (row, seed)'s complete results.json is for the config the sweep gives it now."""
     from flamingo_lab.config import compose
@@ -349,9 +355,13 @@ def report_progress(spec: DictConfig, proc: subprocess.Popen, started: float, ev
                 n += Path(v["path"]).stat().st_mtime >= since
         return n
 
-    todo = len(runs_to_train(spec))  # failed ones and those of an older config run again
-    print(f"[flamingo-sweep] {todo} of {total} runs to train; {total - todo} complete for this config are skipped",
-          flush=True)
+    pending = runs_to_train(spec)  # failed ones and those of an older config run again
+    todo, status = len(pending), run_status(spec)
+    held = sum(_holds_checkpoint(Path(status[pair]["path"]).parent) for pair in pending if pair in status)
+    resumable = (f" ({held} hold a checkpoint from an earlier attempt: each continues from it if it was trained with "
+                 f"the same config and data, resume=auto)" if held and not spec.get("force") else "")
+    print(f"[flamingo-sweep] {todo} of {total} runs to train{resumable}; {total - todo} complete for this config are "
+          f"skipped", flush=True)
     last, running, first = 0, True, None
     while running:
         try:

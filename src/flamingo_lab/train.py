@@ -1,6 +1,7 @@
 """`flamingo-train`: compose the config, train, write results.json (logic in flamingo_lab.training.run).
 
-A run folder with complete results for the same config is skipped (``force=true`` reruns it). A failure
+A run folder with complete results for the same config is skipped (``force=true`` reruns it); an unfinished one
+continues from its newest checkpoint when that was trained with the same config and data (``resume=auto``). A failure
 is recorded in results.json (``status: failed``); a single run then exits non-zero, while a multirun
 (``-m``, e.g. `flamingo-sweep`) goes on with its other jobs.
 """

@@ -198,3 +198,66 @@ class EvalCurve(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.points = list(state_dict.get("points", []))
         self._done = set(state_dict.get("done", []))
+
+
+class InterruptCheckpoint(pl.Callback):
+    """Writes ``path`` (``checkpoints/interrupted.ckpt``) when training stops on an exception (an error, Ctrl-C,
+    SIGTERM), so that the run, started again with ``resume=auto``, continues from there rather than from its last
+    periodic checkpoint (every 50 steps) or from step 0. The state written is the one from before the batch in
+    flight (the DataModule's and the callbacks' states count only batches whose step ended).
+
+    It writes nothing where that state would not be whole: inside the optimiser's update (from the hook before
+    it to the end of the batch's callbacks: the weights or moments may be half-updated), and with more than one
+    process (writing gathers every rank's streams, and the other ranks may not reach the call). Every checkpoint
+    also records the fingerprint of the data it was trained on (``data_fingerprint``), which a resume compares.
+    The file goes once the run finishes: the finished run's state supersedes it.
+    """
+
+    FILENAME = "interrupted.ckpt"
+
+    def __init__(self, path: str, data_fingerprint: str | None):
+        self.path, self.data_fingerprint = str(path), data_fingerprint
+        self._updating = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._updating = False
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._updating = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._updating = False  # last in the callback list: every other callback has counted the batch
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["data_fingerprint"] = self.data_fingerprint
+
+    def on_exception(self, trainer, pl_module, exception):
+        import logging
+
+        log = logging.getLogger("flamingo_lab.training.run")
+        if trainer.sanity_checking or not trainer.training:
+            return
+        if trainer.world_size > 1:
+            log.warning("%s at step %d: no %s written with %d processes (the run resumes from its last periodic "
+                        "checkpoint)", type(exception).__name__, trainer.global_step, self.FILENAME, trainer.world_size)
+            return
+        if self._updating:
+            log.warning("%s inside the optimiser's update of step %d: its weights may be half-updated, so no %s "
+                        "is written (the run resumes from its last periodic checkpoint)", type(exception).__name__,
+                        trainer.global_step + 1, self.FILENAME)
+            return
+        if trainer.global_step == 0:
+            return  # nothing trained yet: the run starts again from the start anyway
+        try:
+            trainer.save_checkpoint(self.path)
+        except Exception as error:  # never hide the run's own error behind this one
+            log.warning("could not write %s: %s", self.path, error)
+            return
+        log.warning("%s at step %d: the run's state before that batch is in %s; the same command resumes from "
+                    "it (resume=auto)", type(exception).__name__, trainer.global_step + 1, self.path)
+
+    def on_fit_end(self, trainer, pl_module):
+        import os
+
+        if trainer.is_global_zero and os.path.isfile(self.path):
+            os.remove(self.path)

@@ -27,14 +27,14 @@ from flamingo_lab.config import ablation_choices
 from flamingo_lab.data.mixture import updates_per_step
 from flamingo_lab.machine import machine
 from flamingo_lab.pretrain import ensure_pretrained
-from flamingo_lab.training.callbacks import EvalCurve, GateLogger, LossHistory, StepTimer
+from flamingo_lab.training.callbacks import EvalCurve, GateLogger, InterruptCheckpoint, LossHistory, StepTimer
 from flamingo_lab.training.datamodule import FlamingoDataModule
 from flamingo_lab.training.module import FlamingoModule
 
 log = logging.getLogger(__name__)
 
 
-def make_logger(cfg: DictConfig, run_dir: Path):
+def make_logger(cfg: DictConfig, run_dir: Path, resuming: bool | None = None):
     """W&B (offline unless ``logger.mode=online``), tagged with the ablation choices; or no logger."""
     name = cfg.logger.name
     if name == "none":
@@ -48,7 +48,9 @@ def make_logger(cfg: DictConfig, run_dir: Path):
         tags.append(f"experiment={cfg.experiment}")
     # A resumed run logs into the W&B run it started (one curve, one summary), not into a second run
     id_file = Path(run_dir) / "wandb_run_id"
-    if cfg.get("resume") and id_file.is_file():
+    if resuming is None:
+        resuming = cfg.get("resume") not in (None, "", "auto")
+    if resuming and id_file.is_file():
         run_id = id_file.read_text().strip()
     else:
         import secrets
@@ -69,13 +71,69 @@ def make_logger(cfg: DictConfig, run_dir: Path):
     )
 
 
+def _load_checkpoint(path: str | Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:  # not a zip checkpoint: mmap is not possible
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def run_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """The run folder's states, latest first, as (global step, path): ``last.ckpt`` (the periodic one),
+    ``interrupted.ckpt`` (written when training stopped on an exception) and the run folder's latest
+    ``hpc_ckpt_<n>.ckpt`` (Lightning's SLURM requeue writes it on the signal); in that order on a tie."""
+    ckpt_dir = Path(ckpt_dir)
+    def version(p: Path) -> int:
+        tail = p.stem.rpartition("_")[2]
+        return int(tail) if tail.isdigit() else -1
+
+    hpc = max(ckpt_dir.parent.glob("hpc_ckpt_*.ckpt"), key=version, default=None)
+    found = [p for p in (ckpt_dir / "last.ckpt", ckpt_dir / InterruptCheckpoint.FILENAME, hpc) if p and p.is_file()]
+    steps = [(int(_load_checkpoint(p).get("global_step", -1)), -i, p) for i, p in enumerate(found)]
+    return [(step, p) for step, _, p in sorted(steps, key=lambda t: t[:2], reverse=True)]
+
+
+def newest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The run folder's latest state (:func:`run_checkpoints`), or None."""
+    found = run_checkpoints(ckpt_dir)
+    return found[0][1] if found else None
+
+
 def _resume_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
-    if cfg.resume in (None, ""):
+    """The checkpoint ``resume`` names: null, ``last`` (:func:`newest_checkpoint`, which must exist) or a path;
+    ``auto`` is decided by :func:`_auto_resume` once the config is complete."""
+    mode = cfg.get("resume")
+    if mode in (None, "", "auto"):
         return None
-    path = ckpt_dir / "last.ckpt" if cfg.resume == "last" else Path(cfg.resume)
+    if mode == "last":
+        newest = newest_checkpoint(ckpt_dir)
+        if newest is None:
+            raise NoCheckpoint(f"resume=last: no checkpoint in {ckpt_dir} (last.ckpt or "
+                               f"{InterruptCheckpoint.FILENAME})")
+        return str(newest)
+    path = Path(mode)
     if not path.is_file():
-        raise NoCheckpoint(f"resume={cfg.resume!r}: no checkpoint at {path}")
+        raise NoCheckpoint(f"resume={mode!r}: no checkpoint at {path}")
     return str(path)
+
+
+def _auto_resume(container: dict, ckpt_dir: Path, fingerprint: str | None) -> str | None:
+    """``resume=auto``: the run folder's latest checkpoint that was trained with this config on this data (an
+    older one of this run when the latest is another config's, left by an earlier run in the folder); None, with
+    the reasons logged, when there is none (the run trains from the start)."""
+    reasons = []
+    for step, path in run_checkpoints(ckpt_dir):
+        try:
+            check_resume(container, str(path), data_fingerprint=fingerprint, unknown_data="refuse")
+        except ResumeRefused as refused:
+            reasons.append(str(refused))
+            continue
+        log.info("resuming the run in %s from step %d (%s; resume=null trains from the start)", ckpt_dir.parent,
+                 step, path)
+        return str(path)
+    for reason in reasons:
+        log.warning("not resumed, trained from the start: %s", reason)
+    return None
 
 
 class ResumeRefused(ValueError):
@@ -106,15 +164,29 @@ def _differences(before: Any, now: Any, prefix: str = "") -> list[str]:
     return [] if before == now else [prefix]
 
 
-def check_resume(container: dict, ckpt_path: str, force: bool = False) -> None:
+def check_resume(container: dict, ckpt_path: str, force: bool = False, data_fingerprint: str | None = None,
+                 unknown_data: str = "warn") -> None:
     """Refuse (:class:`ResumeRefused`) to resume a checkpoint trained with another config, naming the settings
-    that differ (:data:`RESUME_MAY_CHANGE` may). The optimiser's and scheduler's states come from the checkpoint,
-    so a changed ``optim.lr`` would be ignored silently, and a changed model, data or seed would train a run that
-    is neither the old config nor the new one. ``force=true`` resumes anyway, with a warning."""
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:  # not a zip checkpoint: mmap is not possible
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    that differ (:data:`RESUME_MAY_CHANGE` may), or on other data than ``data_fingerprint`` (the world at
+    ``data.root`` rewritten since; checkpoints record it from this version on). The optimiser's and scheduler's
+    states come from the checkpoint, so a changed ``optim.lr`` would be ignored silently, and a changed model,
+    data or seed would train a run that is neither the old config nor the new one. ``force=true`` resumes anyway,
+    with a warning. A checkpoint that records no fingerprint is resumed with a warning, or refused with
+    ``unknown_data="refuse"`` (``resume=auto``)."""
+    ckpt = _load_checkpoint(ckpt_path)
+    was = ckpt.get("data_fingerprint")
+    if data_fingerprint is not None and was is not None and was != data_fingerprint:
+        _refuse(f"resume: {ckpt_path} was trained on other data than data.root now holds "
+                f"({(container.get('data') or {}).get('root')}: fingerprint {was} -> {data_fingerprint}; the world "
+                f"was rewritten there with other settings since). Its streams' positions and weights belong to the "
+                f"old data: start a new run folder (or train this one from the start with resume=null), or write the "
+                f"new world into another folder", force)
+    elif data_fingerprint is not None and was is None:
+        message = (f"resume: {ckpt_path} records no fingerprint of the data it was trained on (written before "
+                   f"checkpoints did), so whether data.root still holds that data cannot be checked")
+        if unknown_data == "refuse":
+            raise ResumeRefused(message + "; resume=last resumes it all the same")
+        log.warning(message)
     before = (ckpt.get("hyper_parameters") or {}).get("cfg")
     if not isinstance(before, dict):
         log.warning("resume: %s holds no run config; cannot check that it was trained with this one", ckpt_path)
@@ -125,10 +197,13 @@ def check_resume(container: dict, ckpt_path: str, force: bool = False) -> None:
         return
     shown = "; ".join(f"{k}: {OmegaConf.select(OmegaConf.create(before), k, default=None)!r} -> "
                       f"{OmegaConf.select(OmegaConf.create(container), k, default=None)!r}" for k in changed[:12])
-    message = (f"resume: {ckpt_path} was trained with another config ({len(changed)} setting(s) differ: {shown}). "
-               f"A resumed run continues the checkpoint's optimiser, schedule and data streams; only "
-               f"{', '.join(RESUME_MAY_CHANGE)} may change. Resume with the checkpoint's settings, start a new run "
-               f"folder for the new ones, or force=true to resume anyway")
+    _refuse(f"resume: {ckpt_path} was trained with another config ({len(changed)} setting(s) differ: {shown}). "
+            f"A resumed run continues the checkpoint's optimiser, schedule and data streams; only "
+            f"{', '.join(RESUME_MAY_CHANGE)} may change. Resume with the checkpoint's settings, start a new run "
+            f"folder for the new ones, or force=true to resume anyway", force)
+
+
+def _refuse(message: str, force: bool) -> None:
     if not force:
         raise ResumeRefused(message)
     log.warning("%s (force=true: resuming anyway)", message)
@@ -347,8 +422,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     resume = _resume_path(cfg, ckpt_dir)
     pretrained = ensure_pretrained(cfg)  # builds or reuses the cached LM / vision stages; points cfg at them
     container = OmegaConf.to_container(cfg, resolve=True)
-    if resume is not None:
-        check_resume(container, resume, force=bool(cfg.get("force", False)))
+    fingerprint = data_fingerprint(cfg.data.root)
+    if cfg.get("resume") == "auto" and not cfg.get("force", False):  # resume when it can, else from the start
+        resume = _auto_resume(container, ckpt_dir, fingerprint)
+    elif resume is not None:
+        check_resume(container, resume, force=bool(cfg.get("force", False)), data_fingerprint=fingerprint)
     # seeded after the stages: a stage built in this process draws from (and reseeds) the global RNG, and the
     # Flamingo's initialisation must be the same whether its stages were built now or found in the cache
     pl.seed_everything(int(cfg.seed), workers=True)
@@ -363,14 +441,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     timer, gates, history = StepTimer(), GateLogger(every, ups), LossHistory(every, ups)
     curve = make_eval_curve(cfg, ups)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=max(every, 50) * ups)
-    logger = make_logger(cfg, run_dir)
+    interrupted = InterruptCheckpoint(ckpt_dir / InterruptCheckpoint.FILENAME, fingerprint)
+    logger = make_logger(cfg, run_dir, resuming=resume is not None)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if ups > 1 and trainer_kwargs.get("max_steps", -1) > 0:
         trainer_kwargs["max_steps"] *= ups  # Lightning counts optimiser updates
     trainer = pl.Trainer(
         **trainer_kwargs,
         logger=logger,
-        callbacks=[timer, gates, history, checkpoint, *([curve] if curve else [])],
+        callbacks=[timer, gates, history, checkpoint, *([curve] if curve else []), interrupted],  # interrupted: last
         default_root_dir=str(run_dir),
     )
     if logger:

@@ -1,0 +1,173 @@
+"""A run stopped part way (an error, Ctrl-C, a killed sweep) continues where it stood when it is run again.
+
+A run that stops on an exception writes ``checkpoints/interrupted.ckpt`` (its state before the batch in flight),
+and ``resume=auto`` (the default) picks up the run folder's newest checkpoint when it was trained with the same
+config on the same data. Before, a sweep run again retrained every unfinished run from step 0, and a run that
+failed at step 49 of a 50-step checkpoint interval lost all 49.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from flamingo_lab.config import compose
+
+
+def _quiet(world: Path, *extra: str) -> list[str]:  # as tests/test_train.py's
+    return ["scale=tiny", f"data.root={world}", "logger=none", "trainer.log_every_n_steps=1",
+            "trainer.enable_progress_bar=false", "eval.at_end_of_training=false", "data.num_workers=0", *extra]
+
+
+def _run(world: Path, run_dir: Path, steps: int, *extra: str) -> dict:
+    from flamingo_lab.training.run import run
+
+    return run(compose(_quiet(world, f"trainer.max_steps={steps}", *extra)), run_dir)
+
+
+def _same_run(resumed: dict, whole: dict) -> None:
+    assert resumed["steps"] == whole["steps"]
+    assert resumed["loss"]["curve"]["loss"] == pytest.approx(whole["loss"]["curve"]["loss"], rel=1e-5, abs=1e-6)
+    assert resumed["data"]["per_source"] == whole["data"]["per_source"]
+    assert resumed["gates"] == pytest.approx(whole["gates"], rel=1e-5, abs=1e-7)
+
+
+def _fail_once_at(monkeypatch, hook: str, step: int) -> None:
+    """Make FlamingoModule's ``hook`` raise once, in the batch of training step ``step + 1``."""
+    from flamingo_lab.training.module import FlamingoModule
+
+    original = getattr(FlamingoModule, hook, None)
+    fired = []
+
+    def failing(self, *args, **kwargs):
+        if self.trainer.global_step == step and not fired:
+            fired.append(True)
+            raise RuntimeError("worker node lost")
+        return original(self, *args, **kwargs) if original is not None else None
+
+    monkeypatch.setattr(FlamingoModule, hook, failing, raising=False)
+
+
+def test_a_run_stopped_by_an_error_continues_from_that_batch_when_run_again(tiny_world_dir, tmp_path, monkeypatch,
+                                                                           caplog):
+    whole = _run(tiny_world_dir, tmp_path / "whole", 6)
+    with monkeypatch.context() as m:
+        _fail_once_at(m, "training_step", 3)  # step 4's forward
+        with pytest.raises(RuntimeError, match="worker node lost"):
+            _run(tiny_world_dir, tmp_path / "cut", 6)
+    ckpt = tmp_path / "cut" / "checkpoints" / "interrupted.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 3
+    assert not (tmp_path / "cut" / "checkpoints" / "last.ckpt").exists()  # periodic ones come every 50 steps
+    assert json.loads((tmp_path / "cut" / "results.json").read_text())["status"] == "failed"
+    with caplog.at_level(logging.INFO, logger="flamingo_lab.training.run"):
+        resumed = _run(tiny_world_dir, tmp_path / "cut", 6)  # the same command again: resume=auto
+    assert "resuming" in caplog.text and "step 3" in caplog.text
+    _same_run(resumed, whole)
+    assert not ckpt.exists()  # the finished run's state supersedes it
+
+
+def test_no_checkpoint_is_written_from_inside_an_update(tiny_world_dir, tmp_path, monkeypatch, caplog):
+    """An error after the backward pass, once the optimiser may have begun to change the weights: a checkpoint
+    then could hold half an update, so none is written and the run resumes from its last periodic one."""
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING):
+        _fail_once_at(m, "on_before_optimizer_step", 3)
+        with pytest.raises(RuntimeError, match="worker node lost"):
+            _run(tiny_world_dir, tmp_path, 6)
+    assert not (tmp_path / "checkpoints" / "interrupted.ckpt").exists()
+    assert "optimiser's update" in caplog.text
+
+
+def test_auto_starts_again_when_the_folder_holds_another_configs_checkpoint(tiny_world_dir, tmp_path, monkeypatch,
+                                                                          caplog):
+    whole = _run(tiny_world_dir, tmp_path / "whole", 6)
+    _run(tiny_world_dir, tmp_path / "other", 4, "optim.lr=0.01")
+    with caplog.at_level(logging.WARNING), monkeypatch.context() as m:
+        _fail_once_at(m, "training_step", 3)
+        with pytest.raises(RuntimeError, match="worker node lost"):
+            _run(tiny_world_dir, tmp_path / "other", 6)  # trained from step 0, not from the other config's step 4
+    assert "not resumed" in caplog.text and "optim.lr" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flamingo_lab.training.run"):
+        again = _run(tiny_world_dir, tmp_path / "other", 6)
+    # the other config's last.ckpt (step 4) is the later one, but this run's own state is the one to go on from
+    assert "resuming" in caplog.text and "step 3" in caplog.text
+    _same_run(again, whole)
+
+
+def test_a_resume_on_a_rewritten_world_is_refused(tiny_world_dir, tmp_path, caplog):
+    """The config names the data by its folder only: a world rewritten there with other settings passed the
+    config check, and the resumed run trained on other data than its first steps, silently."""
+    from flamingo_lab.training.run import ResumeRefused
+
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world_dir, world)
+    whole = _run(world, tmp_path / "whole", 6)
+    _run(world, tmp_path / "run", 4)
+    manifest = json.loads((world / "world.json").read_text())
+    manifest["config"]["vtp_moves"] = 0.6  # as `flamingo-data world.vtp_moves=0.6 out_dir=...` into the same folder
+    (world / "world.json").write_text(json.dumps(manifest))
+    with pytest.raises(ResumeRefused, match="data.root"):
+        _run(world, tmp_path / "run", 6, "resume=last")
+    with caplog.at_level(logging.WARNING):
+        again = _run(world, tmp_path / "run", 6)  # resume=auto: trains from the start
+    assert "not resumed" in caplog.text
+    assert again["steps"] == 6 and again["loss"]["curve"]["step"] == whole["loss"]["curve"]["step"]
+    _same_run(again, whole)  # the shards are the same: only the manifest's settings changed
+
+
+def test_force_trains_from_the_start(tiny_world_dir, tmp_path, monkeypatch):
+    from flamingo_lab.training.module import FlamingoModule
+
+    _run(tiny_world_dir, tmp_path, 4)
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()  # the finished run's state, at step 4
+    trained, step = [], FlamingoModule.training_step
+
+    def counting(self, batch, batch_idx):
+        trained.append(self.trainer.global_step)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(FlamingoModule, "training_step", counting)
+    assert _run(tiny_world_dir, tmp_path, 4, "force=true")["steps"] == 4
+    assert trained == [0, 1, 2, 3]  # trained again from step 0, not resumed at the end
+
+
+def test_a_finished_run_evaluated_otherwise_is_not_trained_again(tiny_world_dir, tmp_path, monkeypatch):
+    """Only eval.* changed: the config key differs, so the run is not done, but its final checkpoint is this
+    config's training; it resumes there, trains nothing and evaluates."""
+    from flamingo_lab.training.module import FlamingoModule
+
+    first = _run(tiny_world_dir, tmp_path, 4)
+    trained, step = [], FlamingoModule.training_step
+
+    def counting(self, batch, batch_idx):
+        trained.append(self.trainer.global_step)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(FlamingoModule, "training_step", counting)
+    again = _run(tiny_world_dir, tmp_path, 4, "eval.at_end_of_training=true", "eval.max_items=2", "eval.shots=[0]",
+                 "eval.tasks=[vqav2]")
+    assert trained == [] and again["config_key"] != first["config_key"]
+    assert again["loss"] == first["loss"] and again["gates"] == first["gates"]
+    assert again["eval"]["metrics"]  # evaluated with the new settings
+
+
+def test_the_run_folders_latest_state_is_chosen_among_its_checkpoints(tmp_path):
+    """last.ckpt (every 50 steps), interrupted.ckpt (on an exception) and Lightning's SLURM requeue checkpoints
+    (hpc_ckpt_<n>.ckpt in the run folder): resume=auto and resume=last take the one at the latest step."""
+    from flamingo_lab.training.run import newest_checkpoint, run_checkpoints
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    assert newest_checkpoint(ckpts) is None
+    for path, step in ((ckpts / "last.ckpt", 50), (ckpts / "interrupted.ckpt", 73), (tmp_path / "hpc_ckpt_1.ckpt", 60),
+                       (tmp_path / "hpc_ckpt_10.ckpt", 80), (tmp_path / "hpc_ckpt_2.ckpt", 99)):
+        torch.save({"global_step": step}, path)
+    assert run_checkpoints(ckpts) == [(80, tmp_path / "hpc_ckpt_10.ckpt"), (73, ckpts / "interrupted.ckpt"),
+                                      (50, ckpts / "last.ckpt")]  # the requeue's latest is its highest number
+    torch.save({"global_step": 80}, ckpts / "last.ckpt")
+    assert newest_checkpoint(ckpts) == ckpts / "last.ckpt"  # a tie: the periodic one
