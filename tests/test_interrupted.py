@@ -69,6 +69,10 @@ def test_a_run_stopped_by_an_error_continues_from_that_batch_when_run_again(tiny
     assert "resuming" in caplog.text and "step 3" in caplog.text
     _same_run(resumed, whole)
     assert not ckpt.exists()  # the finished run's state supersedes it
+    # results.json says how the run was made: started at step 0, resumed at step 3 from that checkpoint
+    assert [(a["from_step"], a["checkpoint"]) for a in resumed["attempts"]] == [(0, None), (3, str(ckpt))]
+    assert [a["from_step"] for a in whole["attempts"]] == [0]
+    assert resumed["attempts"][1]["machine"]["cpu_capability"] == whole["machine"]["cpu_capability"]
 
 
 def test_no_checkpoint_is_written_from_inside_an_update(tiny_world_dir, tmp_path, monkeypatch, caplog):

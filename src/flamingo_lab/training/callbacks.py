@@ -208,15 +208,14 @@ class InterruptCheckpoint(pl.Callback):
 
     It writes nothing where that state would not be whole: inside the optimiser's update (from the hook before
     it to the end of the batch's callbacks: the weights or moments may be half-updated), and with more than one
-    process (writing gathers every rank's streams, and the other ranks may not reach the call). Every checkpoint
-    also records the fingerprint of the data it was trained on (``data_fingerprint``), which a resume compares.
-    The file goes once the run finishes: the finished run's state supersedes it.
+    process (writing gathers every rank's streams, and the other ranks may not reach the call). The file goes once
+    the run finishes: the finished run's state supersedes it.
     """
 
     FILENAME = "interrupted.ckpt"
 
-    def __init__(self, path: str, data_fingerprint: str | None):
-        self.path, self.data_fingerprint = str(path), data_fingerprint
+    def __init__(self, path: str):
+        self.path = str(path)
         self._updating = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -227,9 +226,6 @@ class InterruptCheckpoint(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._updating = False  # last in the callback list: every other callback has counted the batch
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        checkpoint["data_fingerprint"] = self.data_fingerprint
 
     def on_exception(self, trainer, pl_module, exception):
         import logging
@@ -261,3 +257,18 @@ class InterruptCheckpoint(pl.Callback):
 
         if trainer.is_global_zero and os.path.isfile(self.path):
             os.remove(self.path)
+
+
+class RunRecord(pl.Callback):
+    """What every checkpoint records of the run beside its state: the fingerprint of the data it trains on
+    (``data_fingerprint``, which a resume compares with the data at ``data.root``) and its ``attempts`` (when each
+    start or resume began, from which step and checkpoint, with which command-line overrides, on which machine and
+    code), so that a resumed run's results.json says how it was made, whatever Hydra's ``.hydra/`` folder holds
+    after the last start rewrote it."""
+
+    def __init__(self, data_fingerprint: str | None, attempts: list[dict]):
+        self.data_fingerprint, self.attempts = data_fingerprint, attempts
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["data_fingerprint"] = self.data_fingerprint
+        checkpoint["attempts"] = list(self.attempts)

@@ -27,7 +27,8 @@ from flamingo_lab.config import ablation_choices
 from flamingo_lab.data.mixture import updates_per_step
 from flamingo_lab.machine import machine
 from flamingo_lab.pretrain import ensure_pretrained
-from flamingo_lab.training.callbacks import EvalCurve, GateLogger, InterruptCheckpoint, LossHistory, StepTimer
+from flamingo_lab.training.callbacks import (EvalCurve, GateLogger, InterruptCheckpoint, LossHistory, RunRecord,
+                                             StepTimer)
 from flamingo_lab.training.datamodule import FlamingoDataModule
 from flamingo_lab.training.module import FlamingoModule
 
@@ -115,6 +116,26 @@ def _resume_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     if not path.is_file():
         raise NoCheckpoint(f"resume={mode!r}: no checkpoint at {path}")
     return str(path)
+
+
+def attempts(resume: str | None, updates_per_step: int = 1) -> list[dict[str, Any]]:
+    """The run's attempts so far (those the checkpoint it resumes from records; none for a fresh start) and this
+    one: when it began, from which step and checkpoint, the command line's overrides (None outside Hydra) and
+    the machine and code it runs on (:func:`flamingo_lab.machine.machine`)."""
+    before, step = [], 0
+    if resume is not None:
+        ckpt = _load_checkpoint(resume)
+        before, step = list(ckpt.get("attempts") or []), int(ckpt.get("global_step", 0)) // updates_per_step
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not started by Hydra (a test, a notebook)
+        overrides = None
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    now = {"started": started, "from_step": step, "checkpoint": resume, "overrides": overrides, "machine": machine()}
+    # plain types only (torch's version string is a str subclass): Lightning loads checkpoints weights_only
+    return [*before, json.loads(json.dumps(now, default=str))]
 
 
 def _auto_resume(container: dict, ckpt_dir: Path, fingerprint: str | None) -> str | None:
@@ -441,7 +462,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     timer, gates, history = StepTimer(), GateLogger(every, ups), LossHistory(every, ups)
     curve = make_eval_curve(cfg, ups)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=max(every, 50) * ups)
-    interrupted = InterruptCheckpoint(ckpt_dir / InterruptCheckpoint.FILENAME, fingerprint)
+    interrupted = InterruptCheckpoint(ckpt_dir / InterruptCheckpoint.FILENAME)
+    record = RunRecord(fingerprint, attempts(resume, ups))
     logger = make_logger(cfg, run_dir, resuming=resume is not None)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if ups > 1 and trainer_kwargs.get("max_steps", -1) > 0:
@@ -449,7 +471,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     trainer = pl.Trainer(
         **trainer_kwargs,
         logger=logger,
-        callbacks=[timer, gates, history, checkpoint, *([curve] if curve else []), interrupted],  # interrupted: last
+        callbacks=[record, timer, gates, history, checkpoint, *([curve] if curve else []), interrupted],  # interrupted: last
         default_root_dir=str(run_dir),
     )
     if logger:
@@ -480,6 +502,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "data": datamodule.skip_counts(),  # samples seen / skipped per source and reason (this rank)
         "wall_time_s": wall,
         "machine": machine(),
+        "attempts": record.attempts,  # each start and resume: when, from which step, overrides, machine
         "config": container,
     }
     if trainer.is_global_zero:
