@@ -53,8 +53,19 @@ def _fail_once_at(monkeypatch, hook: str, step: int) -> None:
     monkeypatch.setattr(FlamingoModule, hook, failing, raising=False)
 
 
+def _logged_steps(monkeypatch) -> list[int]:
+    """The step Lightning's loggers log at, as each fit ends (``_batches_that_stepped``)."""
+    from flamingo_lab.training.module import FlamingoModule
+
+    seen = []
+    monkeypatch.setattr(FlamingoModule, "on_train_end",
+                        lambda self: seen.append(self.trainer.fit_loop.epoch_loop._batches_that_stepped), raising=False)
+    return seen
+
+
 def test_a_run_stopped_by_an_error_continues_from_that_batch_when_run_again(tiny_world_dir, tmp_path, monkeypatch,
                                                                            caplog):
+    logged = _logged_steps(monkeypatch)
     whole = _run(tiny_world_dir, tmp_path / "whole", 6)
     with monkeypatch.context() as m:
         _fail_once_at(m, "training_step", 3)  # step 4's forward
@@ -69,6 +80,8 @@ def test_a_run_stopped_by_an_error_continues_from_that_batch_when_run_again(tiny
     assert "resuming" in caplog.text and "step 3" in caplog.text
     _same_run(resumed, whole)
     assert not ckpt.exists()  # the finished run's state supersedes it
+    # the loggers' step goes on as the uninterrupted run's (before: the batch in flight was counted twice, 7 vs 6)
+    assert logged == [6, 6]
     # results.json says how the run was made: started at step 0, resumed at step 3 from that checkpoint
     assert [(a["from_step"], a["checkpoint"]) for a in resumed["attempts"]] == [(0, None), (3, str(ckpt))]
     assert [a["from_step"] for a in whole["attempts"]] == [0]
@@ -98,9 +111,17 @@ def test_auto_starts_again_when_the_folder_holds_another_configs_checkpoint(tiny
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="flamingo_lab.training.run"):
         again = _run(tiny_world_dir, tmp_path / "other", 6)
-    # the other config's last.ckpt (step 4) is the later one, but this run's own state is the one to go on from
+    # this run's own state (the other config's was moved aside when this run started from step 0)
     assert "resuming" in caplog.text and "step 3" in caplog.text
     _same_run(again, whole)
+    # the other config's state was moved aside when this run started from step 0, and this run's own final
+    # state is last.ckpt (before: Lightning wrote it to last-v1.ckpt, where no resume looks)
+    final = torch.load(tmp_path / "other" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == 6 and final["hyper_parameters"]["cfg"]["optim"]["lr"] == 0.002
+    (aside,) = (tmp_path / "other" / "previous-checkpoints").iterdir()
+    before = torch.load(aside / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert before["global_step"] == 4 and before["hyper_parameters"]["cfg"]["optim"]["lr"] == 0.01
+    assert not list((tmp_path / "other" / "checkpoints").glob("last-v*.ckpt"))
 
 
 def test_a_resume_on_a_rewritten_world_is_refused(tiny_world_dir, tmp_path, caplog):
@@ -175,3 +196,115 @@ def test_the_run_folders_latest_state_is_chosen_among_its_checkpoints(tmp_path):
                                       (50, ckpts / "last.ckpt")]  # the requeue's latest is its highest number
     torch.save({"global_step": 80}, ckpts / "last.ckpt")
     assert newest_checkpoint(ckpts) == ckpts / "last.ckpt"  # a tie: the periodic one
+
+
+def test_a_checkpoint_past_max_steps_is_not_resumed(tiny_world_dir, tmp_path, caplog):
+    """Resuming a 4-step run's final state as a 2-step run would train nothing and report 4 steps as the run of 2."""
+    from flamingo_lab.training.run import ResumeRefused
+
+    _run(tiny_world_dir, tmp_path / "run", 4)
+    with pytest.raises(ResumeRefused, match=r"past trainer.max_steps=2"):
+        _run(tiny_world_dir, tmp_path / "run", 2, "resume=last")
+    with caplog.at_level(logging.WARNING):
+        short = _run(tiny_world_dir, tmp_path / "run", 2)
+    assert "not resumed" in caplog.text and short["steps"] == 2
+    assert short["loss"]["curve"] == _run(tiny_world_dir, tmp_path / "fresh", 2)["loss"]["curve"]
+
+
+def test_the_final_state_is_kept_whatever_the_checkpoint_interval(tiny_world_dir, tmp_path, monkeypatch):
+    """Periodic checkpoints come every 50 steps; a 55-step run's last.ckpt held step 50, so evaluating it otherwise
+    or extending it trained 5 steps again. The final state is now saved too."""
+    from flamingo_lab.training.module import FlamingoModule
+
+    _run(tiny_world_dir, tmp_path, 55, "trainer.log_every_n_steps=10")
+    ckpts = tmp_path / "checkpoints"
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 55
+    assert (ckpts / "epoch=0-step=50.ckpt").is_file()  # the periodic one is there too
+    trained, step = [], FlamingoModule.training_step
+
+    def counting(self, batch, batch_idx):
+        trained.append(self.trainer.global_step)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(FlamingoModule, "training_step", counting)
+    _run(tiny_world_dir, tmp_path, 55, "trainer.log_every_n_steps=10", "eval.max_items=2")
+    assert trained == []
+
+
+def test_no_checkpoint_is_written_before_a_resumed_runs_first_batch(tiny_world_dir, tmp_path, monkeypatch):
+    """An error while a resumed run restores or reads through (before its first batch) leaves the state it resumed
+    from as it was: writing one then would record a restore or read-through half done."""
+    from flamingo_lab.training.module import FlamingoModule
+
+    whole = _run(tiny_world_dir, tmp_path / "whole", 6)
+    with monkeypatch.context() as m:
+        _fail_once_at(m, "training_step", 3)
+        with pytest.raises(RuntimeError):
+            _run(tiny_world_dir, tmp_path / "cut", 6)
+    ckpt = tmp_path / "cut" / "checkpoints" / "interrupted.ckpt"
+    written = ckpt.read_bytes()
+    with monkeypatch.context() as m:
+        _fail_once_at(m, "on_train_start", 3)  # the resumed fit, before its first batch
+        with pytest.raises(RuntimeError):
+            _run(tiny_world_dir, tmp_path / "cut", 6)
+    assert ckpt.read_bytes() == written
+    _same_run(_run(tiny_world_dir, tmp_path / "cut", 6), whole)
+
+
+@pytest.mark.parametrize("fail_at_batch,written", [(4, True), (5, False)], ids=["between-updates", "mid-accumulation"])
+def test_an_interrupted_accumulation_is_not_written(fail_at_batch, written, tiny_world_dir, tmp_path, monkeypatch,
+                                                    caplog):
+    """With trainer.accumulate_grad_batches=2, step 3 sums batches 4 and 5. Stopped in batch 5, batch 4's gradients
+    are in no checkpoint, and a resume would update step 3 from batch 5 alone: nothing is written. Stopped in
+    batch 4, the state is step 2's, whole."""
+    from flamingo_lab.training.module import FlamingoModule
+
+    extra = ["trainer.accumulate_grad_batches=2"]
+    whole = _run(tiny_world_dir, tmp_path / "whole", 6, *extra)
+    step, fired = FlamingoModule.training_step, []
+
+    def failing(self, batch, batch_idx):
+        if batch_idx == fail_at_batch and not fired:
+            fired.append(True)
+            raise RuntimeError("worker node lost")
+        return step(self, batch, batch_idx)
+
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING):
+        m.setattr(FlamingoModule, "training_step", failing)
+        with pytest.raises(RuntimeError):
+            _run(tiny_world_dir, tmp_path / "cut", 6, *extra)
+    ckpt = tmp_path / "cut" / "checkpoints" / "interrupted.ckpt"
+    assert ckpt.exists() == written
+    if not written:
+        assert "inside an accumulation of 2 batches" in caplog.text
+        return
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 2
+    _same_run(_run(tiny_world_dir, tmp_path / "cut", 6, *extra), whole)
+
+
+def test_a_run_stopped_by_sigterm_exits_143_and_resumes_after_the_batch_it_finished(tiny_world_dir, tmp_path,
+                                                                                    monkeypatch):
+    """A cluster's preemption or timeout: Lightning finishes the batch and raises its SystemExit(), which exited 0,
+    as a finished run does. The run now exits 143 (128 + SIGTERM) with its state at that step written."""
+    import os
+    import signal
+
+    from flamingo_lab.training.module import FlamingoModule
+
+    whole = _run(tiny_world_dir, tmp_path / "whole", 6)
+    step, sent = FlamingoModule.training_step, []
+
+    def signalled(self, batch, batch_idx):
+        if self.trainer.global_step == 3 and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler notes it; the batch goes on
+        return step(self, batch, batch_idx)
+
+    with monkeypatch.context() as m:
+        m.setattr(FlamingoModule, "training_step", signalled)
+        with pytest.raises(SystemExit) as stopped:
+            _run(tiny_world_dir, tmp_path / "cut", 6)
+    assert stopped.value.code == 143
+    ckpt = tmp_path / "cut" / "checkpoints" / "interrupted.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 4  # step 4 finished
+    _same_run(_run(tiny_world_dir, tmp_path / "cut", 6), whole)

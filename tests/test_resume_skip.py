@@ -168,6 +168,9 @@ def test_a_checkpoint_written_while_a_batch_trains_resumes_from_that_batch(tiny_
     from flamingo_lab.training.module import FlamingoModule
 
     extra = ["data.num_workers=0"]
+    logged = []  # the step Lightning's loggers log at as each fit ends: the resumed run's must be the whole run's
+    monkeypatch.setattr(FlamingoModule, "on_train_end",
+                        lambda self: logged.append(self.trainer.fit_loop.epoch_loop._batches_that_stepped), raising=False)
     whole = _train(tiny_world_dir, tmp_path / "whole", 6, extra)
     mid = tmp_path / "mid.ckpt"
 
@@ -181,3 +184,4 @@ def test_a_checkpoint_written_while_a_batch_trains_resumes_from_that_batch(tiny_
     assert torch.load(mid, map_location="cpu", weights_only=False)["global_step"] == 2
     resumed = _train(tiny_world_dir, tmp_path / "cut", 6, [*extra, f"resume={mid}"])
     _same_run(resumed, whole)
+    assert logged[0] == logged[-1] == 6  # before: 7, the batch in flight counted twice

@@ -258,7 +258,8 @@ def runs_to_train(spec: DictConfig) -> list[tuple[str, int]]:
 def _holds_checkpoint(run_dir: Path) -> bool:
     from flamingo_lab.training.callbacks import InterruptCheckpoint
 
-    return any((run_dir / "checkpoints" / name).is_file() for name in ("last.ckpt", InterruptCheckpoint.FILENAME))
+    return (any((run_dir / "checkpoints" / name).is_file() for name in ("last.ckpt", InterruptCheckpoint.FILENAME))
+            or any(run_dir.glob("hpc_ckpt_*.ckpt")))
 
 
 def _current(spec: DictConfig, row: str, seed: int, status: dict) -> bool:

@@ -203,54 +203,70 @@ class EvalCurve(pl.Callback):
 class InterruptCheckpoint(pl.Callback):
     """Writes ``path`` (``checkpoints/interrupted.ckpt``) when training stops on an exception (an error, Ctrl-C,
     SIGTERM), so that the run, started again with ``resume=auto``, continues from there rather than from its last
-    periodic checkpoint (every 50 steps) or from step 0. The state written is the one from before the batch in
-    flight (the DataModule's and the callbacks' states count only batches whose step ended).
+    periodic checkpoint or from step 0. The state written is that of the last step the run finished (the
+    DataModule's and the callbacks' states count only the batches of finished steps; Lightning raises SIGTERM's
+    exception at the end of a batch, so that batch is in).
 
-    It writes nothing where that state would not be whole: inside the optimiser's update (from the hook before
-    it to the end of the batch's callbacks: the weights or moments may be half-updated), and with more than one
-    process (writing gathers every rank's streams, and the other ranks may not reach the call). The file goes once
-    the run finishes: the finished run's state supersedes it.
+    It writes nothing where that state would not be whole: from the hook before the optimiser's update to the end
+    of the batch's callbacks (the weights or moments may be half-updated, or the callbacks have not counted the
+    batch); inside an accumulation of several batches (``trainer.accumulate_grad_batches``: the gradients of the
+    batches before are in no checkpoint); before this start's first batch (the state is then the checkpoint it
+    resumed from, or a restore or a read-through half done); at step 0; and with more than one process (writing
+    gathers every rank's streams, and the other ranks may not reach the call). The file goes once the run
+    finishes: the finished run's state supersedes it.
     """
 
     FILENAME = "interrupted.ckpt"
 
     def __init__(self, path: str):
         self.path = str(path)
-        self._updating = False
+        self._armed = False  # a batch of this start has begun
+        self._stepping = False  # between the hook before the update and the end of the batch's callbacks
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._updating = False
+        self._armed, self._stepping = True, False
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self._updating = True
+        self._stepping = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._updating = False  # last in the callback list: every other callback has counted the batch
+        # after every callback of ours that counts the batch (Lightning moves ModelCheckpoint after this one;
+        # a failure in its save leaves the finished step's state, which is whole)
+        self._stepping = False
+
+    def _why_not(self, trainer) -> str | None:
+        if trainer.world_size > 1:
+            return f"with {trainer.world_size} processes"
+        if not self._armed:
+            return "before this start's first batch"
+        if self._stepping:
+            return (f"between the optimiser's update of step {trainer.global_step + 1} and the end of its "
+                    f"callbacks (the weights may be half-updated)")
+        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        processed = trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        if accumulate > 1 and processed % accumulate:
+            return (f"inside an accumulation of {accumulate} batches ({processed % accumulate} done; their gradients "
+                    f"are in no checkpoint)")
+        return None
 
     def on_exception(self, trainer, pl_module, exception):
         import logging
 
         log = logging.getLogger("flamingo_lab.training.run")
-        if trainer.sanity_checking or not trainer.training:
-            return
-        if trainer.world_size > 1:
-            log.warning("%s at step %d: no %s written with %d processes (the run resumes from its last periodic "
-                        "checkpoint)", type(exception).__name__, trainer.global_step, self.FILENAME, trainer.world_size)
-            return
-        if self._updating:
-            log.warning("%s inside the optimiser's update of step %d: its weights may be half-updated, so no %s "
-                        "is written (the run resumes from its last periodic checkpoint)", type(exception).__name__,
-                        trainer.global_step + 1, self.FILENAME)
-            return
-        if trainer.global_step == 0:
+        if trainer.sanity_checking or not trainer.training or trainer.global_step == 0:
             return  # nothing trained yet: the run starts again from the start anyway
+        why_not = self._why_not(trainer)
+        if why_not is not None:
+            log.warning("%s at step %d: no %s written %s; the run resumes from its last periodic checkpoint",
+                        type(exception).__name__, trainer.global_step, self.FILENAME, why_not)
+            return
         try:
             trainer.save_checkpoint(self.path)
         except Exception as error:  # never hide the run's own error behind this one
             log.warning("could not write %s: %s", self.path, error)
             return
-        log.warning("%s at step %d: the run's state before that batch is in %s; the same command resumes from "
-                    "it (resume=auto)", type(exception).__name__, trainer.global_step + 1, self.path)
+        log.warning("%s: the run's state at step %d is in %s; the same command resumes from it (resume=auto)",
+                    type(exception).__name__, trainer.global_step, self.path)
 
     def on_fit_end(self, trainer, pl_module):
         import os
@@ -272,3 +288,26 @@ class RunRecord(pl.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         checkpoint["data_fingerprint"] = self.data_fingerprint
         checkpoint["attempts"] = list(self.attempts)
+        _before_batch_in_flight(checkpoint)
+
+
+def _before_batch_in_flight(checkpoint: dict) -> None:
+    """A checkpoint written while a batch trains (an exception's, or the SLURM requeue's from its signal handler)
+    holds the weights, streams and callbacks of before that batch (FlamingoDataModule.state_dict), but Lightning's
+    loop counters say the batch was fetched and begun: resumed from it, Lightning counted that batch once more
+    (``_batches_that_stepped``, the step its loggers log at, one ahead of the uninterrupted run's from there on).
+    Its counters are set back to the last finished batch, as if the checkpoint had been written between batches."""
+    loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    progress = loop.get("epoch_loop.batch_progress") or {}
+    total = progress.get("total") or {}
+    if not total or total.get("started", 0) <= total.get("processed", 0):
+        return  # between batches, or after the batch's update (Lightning's own restart handles that)
+    for part in ("total", "current"):
+        counts = progress.get(part) or {}
+        for key in ("ready", "started"):
+            if key in counts:
+                counts[key] = counts["processed"]
+    step = ((loop.get("epoch_loop.automatic_optimization.optim_progress") or {}).get("optimizer") or {}).get("step")
+    for counts in (step or {}).values():
+        if "ready" in counts and "completed" in counts:
+            counts["ready"] = counts["completed"]

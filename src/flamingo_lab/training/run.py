@@ -21,6 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from flamingo_lab.config import ablation_choices
@@ -79,19 +80,54 @@ def _load_checkpoint(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def run_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
-    """The run folder's states, latest first, as (global step, path): ``last.ckpt`` (the periodic one),
-    ``interrupted.ckpt`` (written when training stopped on an exception) and the run folder's latest
-    ``hpc_ckpt_<n>.ckpt`` (Lightning's SLURM requeue writes it on the signal); in that order on a tie."""
-    ckpt_dir = Path(ckpt_dir)
+def _hpc_checkpoints(run_dir: Path) -> list[Path]:
+    """Lightning's SLURM requeue checkpoints in the run folder, ``hpc_ckpt_<n>.ckpt``, by ``n``."""
     def version(p: Path) -> int:
         tail = p.stem.rpartition("_")[2]
         return int(tail) if tail.isdigit() else -1
 
-    hpc = max(ckpt_dir.parent.glob("hpc_ckpt_*.ckpt"), key=version, default=None)
-    found = [p for p in (ckpt_dir / "last.ckpt", ckpt_dir / InterruptCheckpoint.FILENAME, hpc) if p and p.is_file()]
-    steps = [(int(_load_checkpoint(p).get("global_step", -1)), -i, p) for i, p in enumerate(found)]
+    return sorted(Path(run_dir).glob("hpc_ckpt_*.ckpt"), key=version)
+
+
+def run_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """The run folder's states, latest first, as (global step, path): ``last.ckpt`` (the periodic one),
+    ``interrupted.ckpt`` (written when training stopped on an exception) and the run folder's latest
+    ``hpc_ckpt_<n>.ckpt`` (Lightning's SLURM requeue writes it on the signal); in that order on a tie. A file
+    that does not load is left out, with a warning."""
+    ckpt_dir = Path(ckpt_dir)
+    hpc = _hpc_checkpoints(ckpt_dir.parent)[-1:]
+    found = [p for p in (ckpt_dir / "last.ckpt", ckpt_dir / InterruptCheckpoint.FILENAME, *hpc) if p.is_file()]
+    steps = []
+    for i, p in enumerate(found):
+        try:
+            steps.append((int(_load_checkpoint(p).get("global_step", -1)), -i, p))
+        except Exception as error:  # noqa: BLE001 -- a truncated or foreign file: not a state to resume
+            log.warning("checkpoint %s does not load (%s: %s); not a state to resume from", p, type(error).__name__,
+                        error)
     return [(step, p) for step, _, p in sorted(steps, key=lambda t: t[:2], reverse=True)]
+
+
+def set_aside_checkpoints(run_dir: str | Path) -> Path | None:
+    """Before a run folder trains from the start: move the states an earlier run left there (``checkpoints/``
+    and ``hpc_ckpt_*.ckpt``) into ``previous-checkpoints/<time>/``, so that none of them is taken for this run's
+    (Lightning's SLURM connector loads an ``hpc_ckpt`` whenever no checkpoint is given, and a ``last.ckpt`` left
+    there made this run's own go to ``last-v1.ckpt``, where no resume looks), and none is lost. Returns the
+    folder, or None when there was nothing to move."""
+    run_dir = Path(run_dir)
+    old = [p for p in (run_dir / "checkpoints",) if p.is_dir() and any(p.iterdir())] + _hpc_checkpoints(run_dir)
+    if not old:
+        return None
+    dest = run_dir / "previous-checkpoints" / time.strftime("%Y%m%d-%H%M%S")
+    n = 0
+    while dest.exists():
+        n += 1
+        dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+    dest.mkdir(parents=True)
+    for p in old:
+        p.rename(dest / p.name)
+    log.warning("training %s from the start: the checkpoints an earlier run left there are moved to %s", run_dir,
+                dest)
+    return dest
 
 
 def newest_checkpoint(ckpt_dir: str | Path) -> Path | None:
@@ -110,7 +146,7 @@ def _resume_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
         newest = newest_checkpoint(ckpt_dir)
         if newest is None:
             raise NoCheckpoint(f"resume=last: no checkpoint in {ckpt_dir} (last.ckpt or "
-                               f"{InterruptCheckpoint.FILENAME})")
+                               f"{InterruptCheckpoint.FILENAME}) nor {ckpt_dir.parent}/hpc_ckpt_*.ckpt")
         return str(newest)
     path = Path(mode)
     if not path.is_file():
@@ -138,7 +174,7 @@ def attempts(resume: str | None, updates_per_step: int = 1) -> list[dict[str, An
     return [*before, json.loads(json.dumps(now, default=str))]
 
 
-def _auto_resume(container: dict, ckpt_dir: Path, fingerprint: str | None) -> str | None:
+def _auto_resume(container: dict, ckpt_dir: Path, fingerprint: str | None, updates_per_step: int = 1) -> str | None:
     """``resume=auto``: the run folder's latest checkpoint that was trained with this config on this data (an
     older one of this run when the latest is another config's, left by an earlier run in the folder); None, with
     the reasons logged, when there is none (the run trains from the start)."""
@@ -150,7 +186,7 @@ def _auto_resume(container: dict, ckpt_dir: Path, fingerprint: str | None) -> st
             reasons.append(str(refused))
             continue
         log.info("resuming the run in %s from step %d (%s; resume=null trains from the start)", ckpt_dir.parent,
-                 step, path)
+                 step // updates_per_step, path)
         return str(path)
     for reason in reasons:
         log.warning("not resumed, trained from the start: %s", reason)
@@ -195,6 +231,14 @@ def check_resume(container: dict, ckpt_path: str, force: bool = False, data_fing
     with a warning. A checkpoint that records no fingerprint is resumed with a warning, or refused with
     ``unknown_data="refuse"`` (``resume=auto``)."""
     ckpt = _load_checkpoint(ckpt_path)
+    max_steps = int(((container.get("trainer") or {}).get("max_steps")) or -1)
+    if max_steps >= 0:
+        ups = updates_per_step(container.get("data") or {})
+        at = int(ckpt.get("global_step", 0))
+        if at > max_steps * ups:  # it would train nothing and be reported as a run of max_steps
+            raise ResumeRefused(f"resume: {ckpt_path} is at step {at // ups}, past trainer.max_steps={max_steps}: "
+                                f"resume it with trainer.max_steps>={at // ups}, or train a run of {max_steps} steps "
+                                f"from the start (resume=null)")
     was = ckpt.get("data_fingerprint")
     if data_fingerprint is not None and was is not None and was != data_fingerprint:
         _refuse(f"resume: {ckpt_path} was trained on other data than data.root now holds "
@@ -366,6 +410,9 @@ def run(cfg: DictConfig, run_dir: str | Path, catch: bool = False) -> dict[str, 
                          run_dir / "results.json")
                 return done
         return train(cfg, run_dir)
+    except SIGTERMException as stopped:  # Lightning's SystemExit() exits 0, as if the run had finished
+        log.warning("stopped by SIGTERM; the same command resumes the run from its last state (resume=auto)")
+        raise SystemExit(143) from stopped  # 128 + SIGTERM, as a shell reports a process the signal ended
     except Exception as error:
         results = failed_results(cfg, error, key, time.perf_counter() - started)
         _finish_wandb(results)
@@ -444,10 +491,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     pretrained = ensure_pretrained(cfg)  # builds or reuses the cached LM / vision stages; points cfg at them
     container = OmegaConf.to_container(cfg, resolve=True)
     fingerprint = data_fingerprint(cfg.data.root)
+    ups = updates_per_step(container["data"])  # round robin: a step is one update per source (data.round_robin_step)
     if cfg.get("resume") == "auto" and not cfg.get("force", False):  # resume when it can, else from the start
-        resume = _auto_resume(container, ckpt_dir, fingerprint)
+        resume = _auto_resume(container, ckpt_dir, fingerprint, ups)
     elif resume is not None:
         check_resume(container, resume, force=bool(cfg.get("force", False)), data_fingerprint=fingerprint)
+    if resume is None and _rank() == 0:
+        set_aside_checkpoints(run_dir)
     # seeded after the stages: a stage built in this process draws from (and reseeds) the global RNG, and the
     # Flamingo's initialisation must be the same whether its stages were built now or found in the cache
     pl.seed_everything(int(cfg.seed), workers=True)
@@ -458,10 +508,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     log.info("parameters: %s", json.dumps(counts))
 
     every = int(cfg.trainer.log_every_n_steps)
-    ups = updates_per_step(container["data"])  # round robin: a step is one update per source (data.round_robin_step)
     timer, gates, history = StepTimer(), GateLogger(every, ups), LossHistory(every, ups)
     curve = make_eval_curve(cfg, ups)
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=max(every, 50) * ups)
+    # no version counter: a state is always last.ckpt (set_aside_checkpoints moves an earlier run's away first)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=max(every, 50) * ups,
+                                 enable_version_counter=False)
     interrupted = InterruptCheckpoint(ckpt_dir / InterruptCheckpoint.FILENAME)
     record = RunRecord(fingerprint, attempts(resume, ups))
     logger = make_logger(cfg, run_dir, resuming=resume is not None)
@@ -471,7 +522,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     trainer = pl.Trainer(
         **trainer_kwargs,
         logger=logger,
-        callbacks=[record, timer, gates, history, checkpoint, *([curve] if curve else []), interrupted],  # interrupted: last
+        callbacks=[record, timer, gates, history, checkpoint, *([curve] if curve else []), interrupted],
         default_root_dir=str(run_dir),
     )
     if logger:
@@ -480,6 +531,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     wall = time.perf_counter() - started
+    if (trainer.world_size == 1 and trainer.global_step > 0 and not trainer.interrupted
+            and getattr(checkpoint, "_last_global_step_saved", None) != trainer.global_step):
+        # the final state as last.ckpt (Lightning's periodic saves miss the steps after the last multiple of
+        # their interval): a run extended or evaluated otherwise later resumes from here, training nothing again.
+        # One process only: after fit, the ranks' process group (the streams' positions are gathered) is gone
+        trainer.save_checkpoint(ckpt_dir / "last.ckpt")
     cache = module.model.vision.cache
     cache_after_training = cache.stats() if cache is not None else None
 
