@@ -208,7 +208,9 @@ def test_a_checkpoint_past_max_steps_is_not_resumed(tiny_world_dir, tmp_path, ca
     with caplog.at_level(logging.WARNING):
         short = _run(tiny_world_dir, tmp_path / "run", 2)
     assert "not resumed" in caplog.text and short["steps"] == 2
-    assert short["loss"]["curve"] == _run(tiny_world_dir, tmp_path / "fresh", 2)["loss"]["curve"]
+    fresh = _run(tiny_world_dir, tmp_path / "fresh", 2)
+    assert short["loss"]["curve"]["step"] == fresh["loss"]["curve"]["step"] == [1, 2]
+    assert short["loss"]["curve"]["loss"] == pytest.approx(fresh["loss"]["curve"]["loss"], rel=1e-5, abs=1e-6)
 
 
 def test_the_final_state_is_kept_whatever_the_checkpoint_interval(tiny_world_dir, tmp_path, monkeypatch):
@@ -308,3 +310,69 @@ def test_a_run_stopped_by_sigterm_exits_143_and_resumes_after_the_batch_it_finis
     ckpt = tmp_path / "cut" / "checkpoints" / "interrupted.ckpt"
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 4  # step 4 finished
     _same_run(_run(tiny_world_dir, tmp_path / "cut", 6), whole)
+
+
+def test_a_run_extended_to_more_steps_is_the_longer_run(tiny_world_dir, tmp_path):
+    """trainer.max_steps=12 on a finished 7-step run trains steps 8-12 only, and its curve is the 12-step run's:
+    the 7-step run closed its last loss window (steps 6-7) at its end, so the extension's windows were 8-12
+    (points 5, 7, 12 against 5, 10, 12). The window being filled now stays open in the checkpoint."""
+    every = "trainer.log_every_n_steps=5"
+    whole = _run(tiny_world_dir, tmp_path / "whole", 12, every)
+    short = _run(tiny_world_dir, tmp_path / "run", 7, every)
+    assert short["loss"]["curve"]["step"] == [5, 7]  # the open window is the curve's last point
+    longer = _run(tiny_world_dir, tmp_path / "run", 12, every)
+    assert [a["from_step"] for a in longer["attempts"]] == [0, 7]
+    assert longer["loss"]["curve"]["step"] == whole["loss"]["curve"]["step"] == [5, 10, 12]
+    _same_run(longer, whole)
+
+
+def test_resuming_an_earlier_state_sets_the_later_ones_aside(tiny_world_dir, tmp_path, monkeypatch):
+    """resume=<path> to a state before the folder's latest (a rewind): the abandoned later states (last.ckpt,
+    interrupted.ckpt, SLURM's hpc_ckpt_*) go to previous-checkpoints/, or a later resume=auto would take the
+    abandoned run's later step for this one's."""
+    every = "trainer.log_every_n_steps=1"
+    whole = _run(tiny_world_dir, tmp_path / "whole", 6, every)
+    _run(tiny_world_dir, tmp_path / "run", 4, every)
+    early = tmp_path / "early.ckpt"
+    shutil.copy(tmp_path / "run" / "checkpoints" / "last.ckpt", early)
+    _run(tiny_world_dir, tmp_path / "run", 5, every)  # the abandoned continuation: last.ckpt at step 5
+    torch.save({"global_step": 5}, tmp_path / "run" / "hpc_ckpt_1.ckpt")
+    with monkeypatch.context() as m:
+        _fail_once_at(m, "training_step", 4)  # the rewound run stops in step 5: interrupted.ckpt at step 4
+        with pytest.raises(RuntimeError):
+            _run(tiny_world_dir, tmp_path / "run", 6, every, f"resume={early}")
+    (aside,) = (tmp_path / "run" / "previous-checkpoints").iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == ["hpc_ckpt_1.ckpt", "last.ckpt"]
+    assert torch.load(aside / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 5
+    _same_run(_run(tiny_world_dir, tmp_path / "run", 6, every), whole)  # auto: from the rewound run's step 4
+
+
+def test_an_unreadable_checkpoint_is_passed_over(tmp_path, caplog):
+    from flamingo_lab.training.run import run_checkpoints
+
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"global_step": 3}, tmp_path / "checkpoints" / "interrupted.ckpt")
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 cut short by a full disk")
+    with caplog.at_level(logging.WARNING):
+        assert run_checkpoints(tmp_path / "checkpoints") == [(3, tmp_path / "checkpoints" / "interrupted.ckpt")]
+    assert "does not load" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_two_process_run_keeps_its_final_state_too(tiny_world_dir, tmp_path):
+    """Under DDP writing a checkpoint gathers every rank's stream positions, so the final save runs on every rank
+    (in on_train_end, while the process group lives): a 55-step run's last.ckpt is step 55, not 50."""
+    import os
+    import subprocess
+    import sys
+
+    args = [*_quiet(tiny_world_dir, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                    "trainer.precision=32-true", "trainer.max_steps=55", "trainer.log_every_n_steps=10"),
+            f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run([str(Path(sys.executable).parent / "flamingo-train"), *args], cwd=tmp_path,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    final = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == 55
+    assert sorted(final["FlamingoDataModule"]["positions_by_rank"]) == [0, 1]

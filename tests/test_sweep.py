@@ -198,6 +198,8 @@ def test_multiruns_run_one_after_the_other_and_report_the_first_failure(tmp_path
         slow.wait(timeout=0.05)
     slow.stop()  # the sweep interrupted: the running multirun ends, no further one starts
     assert slow.wait(timeout=60) == 130 and log.read_text() == "abc"
+    stopped = Sequential([step("e", 143), step("f", 0)], dict(os.environ))  # a run stopped by SIGTERM
+    assert stopped.wait(timeout=60) == 143 and log.read_text() == "abce"  # before: f started after it
 
 
 def test_the_sweep_command_starts_every_multirun(tmp_path, monkeypatch, capsys):

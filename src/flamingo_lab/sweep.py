@@ -305,8 +305,8 @@ def describe_runs(spec: DictConfig) -> str:
 class Sequential:
     """The multiruns, one after the other in a thread, seen as one process: ``wait(timeout)`` and
     ``returncode`` (the first non-zero exit, else 0) as :class:`subprocess.Popen` has them. A multirun that
-    fails does not stop the next (its runs are recorded as failed); :meth:`stop` (the sweep interrupted)
-    starts no further one."""
+    fails does not stop the next (its runs are recorded as failed); one stopped by a signal (exit 130 or 143:
+    Ctrl-C, SIGTERM) or :meth:`stop` (the sweep interrupted) starts no further one."""
 
     def __init__(self, commands: Sequence[Sequence[str]], env: dict):
         import threading
@@ -324,6 +324,8 @@ class Sequential:
                 break
             rc = subprocess.run(command, env=env).returncode
             code = code or rc
+            if rc in (130, 143, -2, -15):  # a run stopped by Ctrl-C or SIGTERM: the sweep stops, as it was asked
+                break
         self.returncode = code
 
     def stop(self) -> None:

@@ -102,7 +102,8 @@ class LossHistory(pl.Callback):
         self.steps: list[int] = []
         self.losses: list[float] = []
         self.val_loss: float | None = None
-        self._window: dict[str, list[float]] = {}
+        self._window: dict[str, list[float]] = {}  # the window being filled; a point of its own only at the end
+        self._window_step = 0
 
     @staticmethod
     def _sources(batch) -> str:
@@ -115,11 +116,15 @@ class LossHistory(pl.Callback):
         if loss is None:
             return
         self._window.setdefault(self._sources(batch), []).append(float(loss.detach()))
-        step = trainer.global_step
-        if sum(map(len, self._window.values())) >= self.every_n_steps or step >= (trainer.max_steps or float("inf")):
-            self.steps.append(step // self.updates_per_step)
-            self.losses.append(statistics.fmean(statistics.fmean(v) for v in self._window.values()))
+        self._window_step = trainer.global_step // self.updates_per_step
+        if sum(map(len, self._window.values())) >= self.every_n_steps:
+            self.steps.append(self._window_step)
+            self.losses.append(self._mean(self._window))
             self._window = {}
+
+    @staticmethod
+    def _mean(window: dict[str, list[float]]) -> float:
+        return statistics.fmean(statistics.fmean(v) for v in window.values())
 
     def on_validation_epoch_end(self, trainer, pl_module):
         value = trainer.callback_metrics.get("val/loss")
@@ -128,20 +133,27 @@ class LossHistory(pl.Callback):
 
     def state_dict(self) -> dict:
         return {"steps": list(self.steps), "losses": list(self.losses), "val_loss": self.val_loss,
-                "window": {k: list(v) for k, v in self._window.items()}}
+                "window": {k: list(v) for k, v in self._window.items()}, "window_step": self._window_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.steps, self.losses = list(state_dict["steps"]), list(state_dict["losses"])
         self.val_loss = state_dict.get("val_loss")
         self._window = {k: list(v) for k, v in state_dict.get("window", {}).items()}
+        self._window_step = int(state_dict.get("window_step", self.steps[-1] if self.steps else 0))
 
     def summary(self) -> dict:
-        """First and final window means of the training loss, the last validation loss and the curve."""
+        """First and final window means of the training loss, the last validation loss and the curve. The window
+        being filled when training ended is the curve's last point; it stays open in the checkpoint, so a run
+        extended later (a larger ``trainer.max_steps``) fills it on as the uninterrupted longer run does."""
+        steps, losses = list(self.steps), list(self.losses)
+        if self._window:
+            steps.append(self._window_step)
+            losses.append(self._mean(self._window))
         return {
-            "first": self.losses[0] if self.losses else None,
-            "final": self.losses[-1] if self.losses else None,
+            "first": losses[0] if losses else None,
+            "final": losses[-1] if losses else None,
             "val": self.val_loss,
-            "curve": {"step": self.steps, "loss": self.losses},
+            "curve": {"step": steps, "loss": losses},
         }
 
 
@@ -253,8 +265,12 @@ class InterruptCheckpoint(pl.Callback):
         import logging
 
         log = logging.getLogger("flamingo_lab.training.run")
-        if trainer.sanity_checking or not trainer.training or trainer.global_step == 0:
+        if trainer.sanity_checking or trainer.global_step == 0:
             return  # nothing trained yet: the run starts again from the start anyway
+        if not trainer.training:  # validation: Lightning's loops would resume inside it
+            log.warning("%s during validation at step %d: no %s written; the run resumes from its last periodic "
+                        "checkpoint", type(exception).__name__, trainer.global_step, self.FILENAME)
+            return
         why_not = self._why_not(trainer)
         if why_not is not None:
             log.warning("%s at step %d: no %s written %s; the run resumes from its last periodic checkpoint",
@@ -269,9 +285,23 @@ class InterruptCheckpoint(pl.Callback):
                     type(exception).__name__, trainer.global_step, self.path)
 
     def on_fit_end(self, trainer, pl_module):
+        """The finished run's last.ckpt supersedes the file (kept if it is the later state: a resumed run that had
+        nothing left to train wrote none)."""
         import os
 
-        if trainer.is_global_zero and os.path.isfile(self.path):
+        import torch
+
+        last = os.path.join(os.path.dirname(self.path), "last.ckpt")
+        if not (trainer.is_global_zero and os.path.isfile(self.path)):
+            return
+
+        def step(path: str) -> int:
+            try:
+                return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", -1))
+            except Exception:  # noqa: BLE001 -- unreadable: not a state to keep
+                return -1
+
+        if not os.path.isfile(last) or step(last) >= step(self.path):
             os.remove(self.path)
 
 
@@ -282,8 +312,22 @@ class RunRecord(pl.Callback):
     code), so that a resumed run's results.json says how it was made, whatever Hydra's ``.hydra/`` folder holds
     after the last start rewrote it."""
 
-    def __init__(self, data_fingerprint: str | None, attempts: list[dict]):
-        self.data_fingerprint, self.attempts = data_fingerprint, attempts
+    def __init__(self, data_fingerprint: str | None, attempts: list[dict], last_path: str | None = None):
+        self.data_fingerprint, self.attempts, self.last_path = data_fingerprint, attempts, last_path
+        self.saved_final = False
+
+    def on_train_end(self, trainer, pl_module):
+        """The final state as ``last_path`` (last.ckpt), on every rank (writing gathers their streams): the
+        periodic saves miss the steps after the last multiple of their interval, so a run extended or evaluated
+        otherwise later resumed from there and trained those steps again. ModelCheckpoint saves it itself when
+        it saved nothing in this fit."""
+        periodic = trainer.checkpoint_callback
+        if (self.last_path is None or trainer.global_step == 0 or periodic is None
+                or not getattr(periodic, "_last_checkpoint_saved", "")
+                or getattr(periodic, "_last_global_step_saved", None) == trainer.global_step):
+            return
+        trainer.save_checkpoint(self.last_path)
+        self.saved_final = True
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         checkpoint["data_fingerprint"] = self.data_fingerprint
@@ -293,14 +337,16 @@ class RunRecord(pl.Callback):
 
 def _before_batch_in_flight(checkpoint: dict) -> None:
     """A checkpoint written while a batch trains (an exception's, or the SLURM requeue's from its signal handler)
-    holds the weights, streams and callbacks of before that batch (FlamingoDataModule.state_dict), but Lightning's
-    loop counters say the batch was fetched and begun: resumed from it, Lightning counted that batch once more
-    (``_batches_that_stepped``, the step its loggers log at, one ahead of the uninterrupted run's from there on).
-    Its counters are set back to the last finished batch, as if the checkpoint had been written between batches."""
+    holds the streams and callbacks of before that batch (FlamingoDataModule.state_dict), but Lightning's loop
+    counters say the batch was fetched and begun: resumed from it, Lightning counted that batch once more
+    (``_batches_that_stepped``, the step its loggers log at, one ahead of the uninterrupted run's from there on;
+    validation scheduled by batch count one batch early). Its counters are set back to the last finished batch,
+    as if the checkpoint had been written between batches. (The weights are those of before the batch unless the
+    SLURM signal landed inside the optimiser's update: Lightning saves from the handler wherever the step stands.)"""
     loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
     progress = loop.get("epoch_loop.batch_progress") or {}
     total = progress.get("total") or {}
-    if not total or total.get("started", 0) <= total.get("processed", 0):
+    if not total or total.get("ready", 0) <= total.get("processed", 0):
         return  # between batches, or after the batch's update (Lightning's own restart handles that)
     for part in ("total", "current"):
         counts = progress.get(part) or {}

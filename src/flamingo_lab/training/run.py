@@ -58,8 +58,9 @@ def make_logger(cfg: DictConfig, run_dir: Path, resuming: bool | None = None):
         import secrets
 
         run_id = secrets.token_hex(4)
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        id_file.write_text(run_id + "\n")
+        if _rank() == 0:  # the W&B run is rank 0's; the other ranks start later and must not replace its id
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run_id + "\n")
     return WandbLogger(
         project=cfg.logger.project,
         name=cfg.run_name,
@@ -107,14 +108,25 @@ def run_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
     return [(step, p) for step, _, p in sorted(steps, key=lambda t: t[:2], reverse=True)]
 
 
-def set_aside_checkpoints(run_dir: str | Path) -> Path | None:
+def _resolved(path: str | Path | None) -> Path | None:
+    return Path(path).resolve() if path is not None else None
+
+
+def set_aside_checkpoints(run_dir: str | Path, keep: str | Path | None = None) -> Path | None:
     """Before a run folder trains from the start: move the states an earlier run left there (``checkpoints/``
     and ``hpc_ckpt_*.ckpt``) into ``previous-checkpoints/<time>/``, so that none of them is taken for this run's
     (Lightning's SLURM connector loads an ``hpc_ckpt`` whenever no checkpoint is given, and a ``last.ckpt`` left
-    there made this run's own go to ``last-v1.ckpt``, where no resume looks), and none is lost. Returns the
-    folder, or None when there was nothing to move."""
+    there made this run's own go to ``last-v1.ckpt``, where no resume looks), and none is lost. With ``keep``
+    (a run resumed from a state that is not the folder's latest), only the states a resume would look at
+    (last.ckpt, interrupted.ckpt, hpc_ckpt_*) go, ``keep`` itself stays. Returns the folder, or None when there
+    was nothing to move."""
     run_dir = Path(run_dir)
-    old = [p for p in (run_dir / "checkpoints",) if p.is_dir() and any(p.iterdir())] + _hpc_checkpoints(run_dir)
+    if keep is None:
+        old = [p for p in (run_dir / "checkpoints",) if p.is_dir() and any(p.iterdir())] + _hpc_checkpoints(run_dir)
+    else:
+        states = [run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / InterruptCheckpoint.FILENAME,
+                  *_hpc_checkpoints(run_dir)]
+        old = [p for p in states if p.is_file() and p.resolve() != Path(keep).resolve()]
     if not old:
         return None
     dest = run_dir / "previous-checkpoints" / time.strftime("%Y%m%d-%H%M%S")
@@ -125,8 +137,8 @@ def set_aside_checkpoints(run_dir: str | Path) -> Path | None:
     dest.mkdir(parents=True)
     for p in old:
         p.rename(dest / p.name)
-    log.warning("training %s from the start: the checkpoints an earlier run left there are moved to %s", run_dir,
-                dest)
+    log.warning("%s: the checkpoints an earlier run left in %s are moved to %s",
+                "training from the start" if keep is None else f"resuming from {keep}", run_dir, dest)
     return dest
 
 
@@ -465,7 +477,12 @@ def _safe(fn, cfg, default):
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    """This process's global rank before Lightning's strategy sets up, as Lightning reads it (``RANK``; a process
+    its launcher started, ``LOCAL_RANK``; one task of srun, ``SLURM_PROCID``; LSF's ``JSM_NAMESPACE_RANK``)."""
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
 
 
 def _finish_wandb(failed: dict[str, Any]) -> None:
@@ -496,8 +513,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         resume = _auto_resume(container, ckpt_dir, fingerprint, ups)
     elif resume is not None:
         check_resume(container, resume, force=bool(cfg.get("force", False)), data_fingerprint=fingerprint)
-    if resume is None and _rank() == 0:
-        set_aside_checkpoints(run_dir)
+    if _rank() == 0 and (resume is None or Path(resume).resolve() != _resolved(newest_checkpoint(ckpt_dir))):
+        # from the start, or from a state that is not the folder's latest (resume=<path>): the folder's other
+        # states go aside, or a later resume=auto would take the abandoned run's later one for this run's
+        set_aside_checkpoints(run_dir, keep=resume)
     # seeded after the stages: a stage built in this process draws from (and reseeds) the global RNG, and the
     # Flamingo's initialisation must be the same whether its stages were built now or found in the cache
     pl.seed_everything(int(cfg.seed), workers=True)
@@ -514,7 +533,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=max(every, 50) * ups,
                                  enable_version_counter=False)
     interrupted = InterruptCheckpoint(ckpt_dir / InterruptCheckpoint.FILENAME)
-    record = RunRecord(fingerprint, attempts(resume, ups))
+    record = RunRecord(fingerprint, attempts(resume, ups), last_path=str(ckpt_dir / "last.ckpt"))
     logger = make_logger(cfg, run_dir, resuming=resume is not None)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if ups > 1 and trainer_kwargs.get("max_steps", -1) > 0:
@@ -531,12 +550,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     wall = time.perf_counter() - started
-    if (trainer.world_size == 1 and trainer.global_step > 0 and not trainer.interrupted
-            and getattr(checkpoint, "_last_global_step_saved", None) != trainer.global_step):
-        # the final state as last.ckpt (Lightning's periodic saves miss the steps after the last multiple of
-        # their interval): a run extended or evaluated otherwise later resumes from here, training nothing again.
-        # One process only: after fit, the ranks' process group (the streams' positions are gathered) is gone
-        trainer.save_checkpoint(ckpt_dir / "last.ckpt")
     cache = module.model.vision.cache
     cache_after_training = cache.stats() if cache is not None else None
 
