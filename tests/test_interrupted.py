@@ -376,3 +376,32 @@ def test_a_two_process_run_keeps_its_final_state_too(tiny_world_dir, tmp_path):
     final = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert final["global_step"] == 55
     assert sorted(final["FlamingoDataModule"]["positions_by_rank"]) == [0, 1]
+
+
+def test_the_final_state_holds_the_final_validation(tiny_world_dir, tmp_path):
+    """max_steps on the 50-step interval: Lightning's periodic save comes at step 50, before the validation that
+    ends the run, so last.ckpt had no validation loss, and a run evaluated otherwise from it reported none."""
+    done = _run(tiny_world_dir, tmp_path, 50)
+    final = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert done["loss"]["val"] is not None
+    assert final["global_step"] == 50 and final["callbacks"]["LossHistory"]["val_loss"] == done["loss"]["val"]
+    again = _run(tiny_world_dir, tmp_path, 50, "eval.max_items=2")  # eval.* only: resumed at 50, nothing trained
+    assert again["loss"]["val"] == done["loss"]["val"] and again["data"] == done["data"]
+
+
+def test_a_resumed_run_with_nothing_left_to_train_keeps_its_only_state(tiny_world_dir, tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        _fail_once_at(m, "training_step", 3)
+        with pytest.raises(RuntimeError):
+            _run(tiny_world_dir, tmp_path, 6)
+    ckpt = tmp_path / "checkpoints" / "interrupted.ckpt"
+    assert ckpt.exists() and not (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert _run(tiny_world_dir, tmp_path, 3)["steps"] == 3  # resumed at its end: Lightning trains nothing
+    assert ckpt.exists()  # before: deleted, and the folder kept no state of the run
+
+
+def test_a_round_robin_run_validates_once_at_its_end(tiny_world_dir, tmp_path):
+    """trainer.val_check_interval (${.max_steps}) counts batches; a round-robin step is one batch per source, so the
+    run validated after every quarter of its steps (4 passes with 4 sources), not at its end alone."""
+    done = _run(tiny_world_dir, tmp_path, 3, "data.optimisation=round_robin")
+    assert done["updates"] == 12 and done["data"]["val"]["passes"] == 1

@@ -301,7 +301,7 @@ class InterruptCheckpoint(pl.Callback):
             except Exception:  # noqa: BLE001 -- unreadable: not a state to keep
                 return -1
 
-        if not os.path.isfile(last) or step(last) >= step(self.path):
+        if os.path.isfile(last) and step(last) >= step(self.path):  # else it is the run's latest state
             os.remove(self.path)
 
 
@@ -314,22 +314,28 @@ class RunRecord(pl.Callback):
 
     def __init__(self, data_fingerprint: str | None, attempts: list[dict], last_path: str | None = None):
         self.data_fingerprint, self.attempts, self.last_path = data_fingerprint, attempts, last_path
-        self.saved_final = False
+        self._saved_at: int | None = None  # the step of this fit's latest checkpoint
+        self._validated_since = False  # a validation ran after it (the final one comes after the periodic save)
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._validated_since = True
 
     def on_train_end(self, trainer, pl_module):
         """The final state as ``last_path`` (last.ckpt), on every rank (writing gathers their streams): the
-        periodic saves miss the steps after the last multiple of their interval, so a run extended or evaluated
-        otherwise later resumed from there and trained those steps again. ModelCheckpoint saves it itself when
-        it saved nothing in this fit."""
+        periodic saves miss the steps after the last multiple of their interval, and the validation that follows
+        the last step, so a run extended or evaluated otherwise later resumed from an earlier state (trained
+        those steps again, or reported no validation loss). ModelCheckpoint saves it itself when it saved
+        nothing in this fit."""
         periodic = trainer.checkpoint_callback
         if (self.last_path is None or trainer.global_step == 0 or periodic is None
                 or not getattr(periodic, "_last_checkpoint_saved", "")
-                or getattr(periodic, "_last_global_step_saved", None) == trainer.global_step):
+                or (self._saved_at == trainer.global_step and not self._validated_since)):
             return
         trainer.save_checkpoint(self.last_path)
-        self.saved_final = True
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self._saved_at, self._validated_since = trainer.global_step, False
         checkpoint["data_fingerprint"] = self.data_fingerprint
         checkpoint["attempts"] = list(self.attempts)
         _before_batch_in_flight(checkpoint)

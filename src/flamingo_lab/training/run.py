@@ -197,6 +197,9 @@ def _auto_resume(container: dict, ckpt_dir: Path, fingerprint: str | None, updat
         except ResumeRefused as refused:
             reasons.append(str(refused))
             continue
+        except OSError as gone:  # moved aside meanwhile (another rank of a torchrun / srun launch starting fresh)
+            reasons.append(f"{path} is gone ({gone})")
+            continue
         log.info("resuming the run in %s from step %d (%s; resume=null trains from the start)", ckpt_dir.parent,
                  step // updates_per_step, path)
         return str(path)
@@ -538,6 +541,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if ups > 1 and trainer_kwargs.get("max_steps", -1) > 0:
         trainer_kwargs["max_steps"] *= ups  # Lightning counts optimiser updates
+        if isinstance(trainer_kwargs.get("val_check_interval"), int):  # and batches: one validation per S of them
+            trainer_kwargs["val_check_interval"] *= ups
     trainer = pl.Trainer(
         **trainer_kwargs,
         logger=logger,
