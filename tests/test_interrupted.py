@@ -400,8 +400,13 @@ def test_a_resumed_run_with_nothing_left_to_train_keeps_its_only_state(tiny_worl
     assert ckpt.exists()  # before: deleted, and the folder kept no state of the run
 
 
-def test_a_round_robin_run_validates_once_at_its_end(tiny_world_dir, tmp_path):
-    """trainer.val_check_interval (${.max_steps}) counts batches; a round-robin step is one batch per source, so the
-    run validated after every quarter of its steps (4 passes with 4 sources), not at its end alone."""
-    done = _run(tiny_world_dir, tmp_path, 3, "data.optimisation=round_robin")
-    assert done["updates"] == 12 and done["data"]["val"]["passes"] == 1
+@pytest.mark.parametrize("extra,updates", [("data.optimisation=round_robin", 16),
+                                           ("trainer.accumulate_grad_batches=2", 4)], ids=["round-robin", "accumulate"])
+def test_a_run_validates_once_at_its_end_and_windows_its_loss_by_steps(extra, updates, tiny_world_dir, tmp_path):
+    """trainer.val_check_interval (${.max_steps}) and the loss curve's windows count steps; Lightning counts batches,
+    and a round-robin step is one batch per source, an accumulating update k batches. So the round-robin row
+    validated after every quarter of its steps (4 passes with 4 sources), a run accumulating 2 batches twice, and
+    the latter's "2-step" loss windows held one step each."""
+    done = _run(tiny_world_dir, tmp_path, 4, extra, "trainer.log_every_n_steps=2")
+    assert done["updates"] == updates and done["data"]["val"]["passes"] == 1
+    assert done["loss"]["curve"]["step"] == [2, 4]

@@ -96,9 +96,10 @@ class LossHistory(pl.Callback):
     The curve travels in the checkpoint, so a resumed run reports all of it.
     """
 
-    def __init__(self, every_n_steps: int = 10, updates_per_step: int = 1):
+    def __init__(self, every_n_steps: int = 10, updates_per_step: int = 1, batches_per_update: int = 1):
         self.updates_per_step = max(1, updates_per_step)  # the curve's steps are training steps, not updates
-        self.every_n_steps = max(1, every_n_steps) * self.updates_per_step
+        # a window is every_n_steps training steps of batches (trainer.accumulate_grad_batches per update)
+        self.every_n_steps = max(1, every_n_steps) * self.updates_per_step * max(1, batches_per_update)
         self.steps: list[int] = []
         self.losses: list[float] = []
         self.val_loss: float | None = None
@@ -314,12 +315,11 @@ class RunRecord(pl.Callback):
 
     def __init__(self, data_fingerprint: str | None, attempts: list[dict], last_path: str | None = None):
         self.data_fingerprint, self.attempts, self.last_path = data_fingerprint, attempts, last_path
-        self._saved_at: int | None = None  # the step of this fit's latest checkpoint
-        self._validated_since = False  # a validation ran after it (the final one comes after the periodic save)
+        self._validated_at: int | None = None  # the step of this fit's latest validation
 
     def on_validation_end(self, trainer, pl_module):
         if not trainer.sanity_checking:
-            self._validated_since = True
+            self._validated_at = trainer.global_step
 
     def on_train_end(self, trainer, pl_module):
         """The final state as ``last_path`` (last.ckpt), on every rank (writing gathers their streams): the
@@ -327,15 +327,17 @@ class RunRecord(pl.Callback):
         the last step, so a run extended or evaluated otherwise later resumed from an earlier state (trained
         those steps again, or reported no validation loss). ModelCheckpoint saves it itself when it saved
         nothing in this fit."""
+        # decided from ModelCheckpoint's saves alone (the same on every rank; an hpc or interrupted save is not
+        # the final state): its save at the last step comes before the validation that ends the run
         periodic = trainer.checkpoint_callback
-        if (self.last_path is None or trainer.global_step == 0 or periodic is None
+        step = trainer.global_step
+        if (self.last_path is None or step == 0 or periodic is None
                 or not getattr(periodic, "_last_checkpoint_saved", "")
-                or (self._saved_at == trainer.global_step and not self._validated_since)):
+                or (getattr(periodic, "_last_global_step_saved", None) == step and self._validated_at != step)):
             return
         trainer.save_checkpoint(self.last_path)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        self._saved_at, self._validated_since = trainer.global_step, False
         checkpoint["data_fingerprint"] = self.data_fingerprint
         checkpoint["attempts"] = list(self.attempts)
         _before_batch_in_flight(checkpoint)

@@ -197,7 +197,7 @@ def _auto_resume(container: dict, ckpt_dir: Path, fingerprint: str | None, updat
         except ResumeRefused as refused:
             reasons.append(str(refused))
             continue
-        except OSError as gone:  # moved aside meanwhile (another rank of a torchrun / srun launch starting fresh)
+        except FileNotFoundError as gone:  # moved aside meanwhile (another rank of a torchrun / srun launch)
             reasons.append(f"{path} is gone ({gone})")
             continue
         log.info("resuming the run in %s from step %d (%s; resume=null trains from the start)", ckpt_dir.parent,
@@ -530,7 +530,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     log.info("parameters: %s", json.dumps(counts))
 
     every = int(cfg.trainer.log_every_n_steps)
-    timer, gates, history = StepTimer(), GateLogger(every, ups), LossHistory(every, ups)
+    accumulate = int(OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1) or 1)
+    timer, gates, history = StepTimer(), GateLogger(every, ups), LossHistory(every, ups, accumulate)
     curve = make_eval_curve(cfg, ups)
     # no version counter: a state is always last.ckpt (set_aside_checkpoints moves an earlier run's away first)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=max(every, 50) * ups,
@@ -541,8 +542,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if ups > 1 and trainer_kwargs.get("max_steps", -1) > 0:
         trainer_kwargs["max_steps"] *= ups  # Lightning counts optimiser updates
-        if isinstance(trainer_kwargs.get("val_check_interval"), int):  # and batches: one validation per S of them
-            trainer_kwargs["val_check_interval"] *= ups
+    interval = trainer_kwargs.get("val_check_interval")
+    if isinstance(interval, int) and not isinstance(interval, bool):
+        # counted in steps (${.max_steps}: at the end), where Lightning counts batches: a step is ups updates of
+        # accumulate_grad_batches batches each (before, round robin validated S times, accumulation k times)
+        trainer_kwargs["val_check_interval"] = interval * ups * accumulate
     trainer = pl.Trainer(
         **trainer_kwargs,
         logger=logger,
