@@ -312,6 +312,97 @@ def test_a_run_stopped_by_sigterm_exits_143_and_resumes_after_the_batch_it_finis
     _same_run(_run(tiny_world_dir, tmp_path / "cut", 6), whole)
 
 
+def _sigterm_in_batch(monkeypatch, batch: int) -> None:
+    """SIGTERM to this process in training batch ``batch`` (0-based, counted over the run)."""
+    import os
+    import signal
+
+    from flamingo_lab.training.module import FlamingoModule
+
+    step, sent = FlamingoModule.training_step, []
+
+    def signalled(self, b, batch_idx):
+        if self.trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1 == batch and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, b, batch_idx)
+
+    monkeypatch.setattr(FlamingoModule, "training_step", signalled)
+
+
+def test_sigterm_inside_an_accumulation_stops_after_its_update(tiny_world_dir, tmp_path, monkeypatch):
+    """With trainer.accumulate_grad_batches=2, step 3 sums batches 4 and 5. SIGTERM in batch 4 stopped the run at
+    that batch's end, inside the accumulation, where no checkpoint is whole, so none was written (a paper scale
+    accumulates many batches a step: almost every signal fell inside one). The run now finishes the update and
+    writes its state at step 3."""
+    extra = ["trainer.accumulate_grad_batches=2"]
+    whole = _run(tiny_world_dir, tmp_path / "whole", 6, *extra)
+    with monkeypatch.context() as m:
+        _sigterm_in_batch(m, 4)
+        with pytest.raises(SystemExit) as stopped:
+            _run(tiny_world_dir, tmp_path / "cut", 6, *extra)
+    assert stopped.value.code == 143
+    ckpt = tmp_path / "cut" / "checkpoints" / "interrupted.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 3
+    _same_run(_run(tiny_world_dir, tmp_path / "cut", 6, *extra), whole)
+
+
+def test_sigterm_in_the_last_step_lets_the_run_finish_and_still_exits_143(tiny_world_dir, tmp_path, monkeypatch):
+    """SIGTERM in the last step's batch: Lightning raised inside the closing validation, so neither that
+    validation nor the final state nor results.json was written. The run now finishes (its results are complete)
+    and exits 143, so that a sweep stops as it was asked to."""
+    whole = _run(tiny_world_dir, tmp_path / "whole", 6)
+    with monkeypatch.context() as m:
+        _sigterm_in_batch(m, 5)
+        with pytest.raises(SystemExit) as stopped:
+            _run(tiny_world_dir, tmp_path / "cut", 6)
+    assert stopped.value.code == 143
+    done = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert done["status"] == "complete" and done["loss"]["val"] == whole["loss"]["val"]
+    _same_run(done, whole)
+    assert not (tmp_path / "cut" / "checkpoints" / "interrupted.ckpt").exists()
+
+
+def test_a_slurm_requeue_writes_the_state_of_a_finished_step(tiny_world_dir, tmp_path, monkeypatch):
+    """SLURM's requeue signal (USR1, auto-requeue) made Lightning write hpc_ckpt_<n>.ckpt from inside the signal
+    handler, wherever the step stood: here just after step 4's update, before Lightning counted it, so the
+    checkpoint held step 4's weights as step 3's, and a run resumed from it trained step 4 twice. The requeue now
+    runs as the next batch starts: the checkpoint holds step 4 whole, and scontrol requeues the job (a stand-in
+    scontrol here; the job is a fake SLURM one-task job)."""
+    import os
+    import signal
+    import stat
+
+    from flamingo_lab.training.module import FlamingoModule
+
+    every = "trainer.log_every_n_steps=1"
+    whole = _run(tiny_world_dir, tmp_path / "whole", 6, every)
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol-calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(stat.S_IRWXU)
+    step, sent = FlamingoModule.optimizer_step, []
+
+    def signalled(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        if self.trainer.global_step == 3 and not sent:  # step 4's update made, global_step not yet counting it
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+
+    with monkeypatch.context() as m:
+        for k, v in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
+                     "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+                     "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}.items():
+            m.setenv(k, v)
+        m.setattr(FlamingoModule, "optimizer_step", signalled)
+        _run(tiny_world_dir, tmp_path / "cut", 6, every)
+    assert calls.read_text().split() == ["requeue", "4242"]
+    hpc = tmp_path / "cut" / "hpc_ckpt_1.ckpt"
+    assert torch.load(hpc, map_location="cpu", weights_only=False)["global_step"] == 4
+    _same_run(_run(tiny_world_dir, tmp_path / "again", 6, every, f"resume={hpc}"), whole)
+
+
 def test_a_run_extended_to_more_steps_is_the_longer_run(tiny_world_dir, tmp_path):
     """trainer.max_steps=12 on a finished 7-step run trains steps 8-12 only, and its curve is the 12-step run's:
     the 7-step run closed its last loss window (steps 6-7) at its end, so the extension's windows were 8-12
@@ -410,3 +501,78 @@ def test_a_run_validates_once_at_its_end_and_windows_its_loss_by_steps(extra, up
     done = _run(tiny_world_dir, tmp_path, 4, extra, "trainer.log_every_n_steps=2")
     assert done["updates"] == updates and done["data"]["val"]["passes"] == 1
     assert done["loss"]["curve"]["step"] == [2, 4]
+
+
+_SIGNAL_AT_STEP = '''
+import os, signal
+from flamingo_lab.training.module import FlamingoModule
+
+_step, _sent = FlamingoModule.training_step, []
+
+def _signalled(self, batch, batch_idx):
+    if self.trainer.global_step == {step} and self.trainer.global_rank == {rank} and not _sent:
+        _sent.append(True)
+        {kill}
+    return _step(self, batch, batch_idx)
+
+FlamingoModule.training_step = _signalled
+'''
+
+
+def _two_processes(world: Path, run_dir: Path, steps: int, env: dict | None = None):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    args = [*_quiet(world, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+                    f"trainer.max_steps={steps}"), f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "flamingo-train"), *args], cwd=run_dir.parent,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", **(env or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # every rank: the ranks it launched are in its session
+        out, err = proc.communicate()
+        pytest.fail(f"the 2-process run hung (killed after 240 s): {err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def two_process_whole(tiny_world_dir, tmp_path_factory) -> dict:
+    """An uninterrupted 7-step run on 2 processes."""
+    run_dir = tmp_path_factory.mktemp("ddp") / "whole"
+    proc = _two_processes(tiny_world_dir, run_dir, 7)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank, kill", [(0, "os.killpg(os.getpgid(0), signal.SIGTERM)"),  # a preemption: every process
+                                        (1, "os.kill(os.getpid(), signal.SIGTERM)")],  # one rank alone
+                         ids=["every process", "rank 1 alone"])
+def test_a_two_process_run_stopped_by_sigterm_resumes_from_the_step_it_finished(rank, kill, two_process_whole,
+                                                                                 tiny_world_dir, tmp_path):
+    """A preempted multi-process job (SIGTERM, outside SLURM) stops every rank after the same batch, and the ranks
+    write interrupted.ckpt together (writing gathers their stream positions). Before, Lightning's handler
+    broadcast from inside the signal handler, and the run hung until killed, whether every process or rank 1
+    alone had the signal; and no rank wrote interrupted.ckpt under DDP, so the run would have resumed from its
+    last periodic checkpoint (here: from step 0)."""
+    import os
+    import signal
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_SIGNAL_AT_STEP.format(step=3, rank=rank, kill=kill))
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    cut = _two_processes(tiny_world_dir, tmp_path / "cut", 7, env)
+    assert cut.returncode == 128 + signal.SIGTERM, cut.stderr[-4000:]
+    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4  # step 4 finished on both ranks
+    assert sorted(ckpt["FlamingoDataModule"]["positions_by_rank"]) == [0, 1]
+    resumed = _two_processes(tiny_world_dir, tmp_path / "cut", 7)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    result = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert [a["from_step"] for a in result["attempts"]] == [0, 4]
+    _same_run(result, two_process_whole)

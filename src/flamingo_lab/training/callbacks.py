@@ -213,6 +213,102 @@ class EvalCurve(pl.Callback):
         self._done = set(state_dict.get("done", []))
 
 
+class StopTogether(pl.Callback):
+    """Signals act between training batches, on every rank at once, where the state is whole: SIGTERM (a
+    preemption, a time limit, ``kill``) stops the run, and SLURM's requeue signal (auto-requeue) writes its
+    ``hpc_ckpt_<n>.ckpt`` and requeues the job. Writing a checkpoint gathers every rank's stream positions (a
+    collective call), so every rank must make it at the same point.
+
+    The signal handlers only note the signal (SIGTERM is passed to the ranks Lightning launched, as Lightning's
+    handler does). At the end of each training batch that completes an update the ranks agree (an all-reduce of
+    their notes; one process needs none), and as the next batch starts every rank acts: after any validation of
+    the step (which finishes, and is in the state), never inside an accumulation of several batches (whose
+    gradients no checkpoint holds), and after every callback has counted the step. SIGTERM raises Lightning's
+    ``SIGTERMException`` there (``InterruptCheckpoint`` writes the state); the requeue runs Lightning's own
+    requeue (its checkpoint, then ``scontrol requeue``) there and training goes on until SLURM stops the job.
+    A SIGTERM after the last step's batch lets the run finish and write its results; ``signalled`` then tells
+    the caller, which exits 143 all the same.
+
+    Lightning 2.6's own handlers act inside the signal handler, which runs wherever the main thread stands. Its
+    SIGTERM handler broadcasts there (its PR #20825), often inside another collective (DDP's buffer broadcast or
+    gradient all-reduce), so the ranks' collectives no longer paired up and a two-process run given SIGTERM hung
+    until killed (10 minutes here, in DDP's forward and the handler's broadcast); each rank then raised at a
+    batch's end on its own flag (its issue #20806). Its requeue handler writes the checkpoint there: inside the
+    optimiser's update it held half an update, and between the update and the step's callbacks a step those
+    callbacks had not counted (and under DDP it is a collective inside a handler too). Lightning's flag
+    (``trainer.received_sigterm``) is left unset.
+    """
+
+    def __init__(self):
+        self.signalled = False  # this rank's SIGTERM handler has run in this fit
+        self.requeue_noted = False  # this rank's requeue handler has run since the last requeue
+        self.stop_at: int | None = None  # the step after which the ranks agreed to stop
+        self.requeue_at: int | None = None  # ... to write the requeue checkpoint and requeue
+        self._connector = None
+
+    def on_fit_start(self, trainer, pl_module):
+        import types
+
+        self.signalled = self.requeue_noted = False
+        self.stop_at = self.requeue_at = self._connector = None
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is None or not hasattr(connector, "_sigterm_notifier_fn") \
+                or not hasattr(connector, "_slurm_sigusr_handler_fn"):
+            return  # another Lightning: its own handling stays
+        callback = self
+        self._connector = connector
+
+        def note_sigterm(connector, signum, frame) -> None:
+            if not callback.signalled and connector.trainer.strategy.launcher is not None:
+                connector.trainer.strategy.launcher.kill(signum)
+            callback.signalled = True
+
+        def note_requeue(connector, signum, frame) -> None:
+            callback.requeue_noted = True
+
+        # read by fit when it registers the handlers, after this hook
+        connector._sigterm_notifier_fn = types.MethodType(note_sigterm, connector)
+        connector._slurm_sigusr_handler_fn = types.MethodType(note_requeue, connector)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        processed = trainer.fit_loop.epoch_loop.batch_progress.total.processed  # this batch included
+        if self.stop_at is not None or (accumulate > 1 and processed % accumulate):
+            return  # the same on every rank: every rank makes the collective below, or none
+        flags = [int(self.signalled), int(self.requeue_noted)]
+        if trainer.world_size > 1:
+            import torch
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                agreed = torch.tensor(flags, device=trainer.strategy.root_device)
+                dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+                flags = [int(v) for v in agreed.tolist()]
+        if flags[1]:
+            self.requeue_at = trainer.global_step
+        if flags[0]:
+            self.stop_at = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.requeue_at is not None:
+            import signal
+
+            self.requeue_at, self.requeue_noted = None, False
+            # Lightning's own requeue (its loggers finalised, hpc_ckpt_<n>.ckpt, scontrol requeue on rank 0), called
+            # where every rank stands alike: the state of the finished step, this fetched batch set back
+            type(self._connector)._slurm_sigusr_handler_fn(self._connector, signal.SIGUSR1, None)
+        if self.stop_at is not None:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            raise SIGTERMException()
+
+    def stopped_together(self, trainer, exception: BaseException) -> bool:
+        """Whether ``exception`` is the stop that every rank makes at the batch they agreed on."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        return isinstance(exception, SIGTERMException) and self.stop_at == trainer.global_step and trainer.training
+
+
 class InterruptCheckpoint(pl.Callback):
     """Writes ``path`` (``checkpoints/interrupted.ckpt``) when training stops on an exception (an error, Ctrl-C,
     SIGTERM), so that the run, started again with ``resume=auto``, continues from there rather than from its last
@@ -224,15 +320,16 @@ class InterruptCheckpoint(pl.Callback):
     of the batch's callbacks (the weights or moments may be half-updated, or the callbacks have not counted the
     batch); inside an accumulation of several batches (``trainer.accumulate_grad_batches``: the gradients of the
     batches before are in no checkpoint); before this start's first batch (the state is then the checkpoint it
-    resumed from, or a restore or a read-through half done); at step 0; and with more than one process (writing
-    gathers every rank's streams, and the other ranks may not reach the call). The file goes once the run
+    resumed from, or a restore or a read-through half done); at step 0; and with more than one process, but for
+    SIGTERM, which stops every rank after the same batch (:class:`StopTogether`; writing gathers every rank's
+    streams, so every rank must make the call: after an error on one rank, the others may never reach it). The file goes once the run
     finishes: the finished run's state supersedes it.
     """
 
     FILENAME = "interrupted.ckpt"
 
-    def __init__(self, path: str):
-        self.path = str(path)
+    def __init__(self, path: str, together: StopTogether | None = None):
+        self.path, self.together = str(path), together
         self._armed = False  # a batch of this start has begun
         self._stepping = False  # between the hook before the update and the end of the batch's callbacks
 
@@ -247,9 +344,9 @@ class InterruptCheckpoint(pl.Callback):
         # a failure in its save leaves the finished step's state, which is whole)
         self._stepping = False
 
-    def _why_not(self, trainer) -> str | None:
-        if trainer.world_size > 1:
-            return f"with {trainer.world_size} processes"
+    def _why_not(self, trainer, exception: BaseException) -> str | None:
+        if trainer.world_size > 1 and not (self.together and self.together.stopped_together(trainer, exception)):
+            return f"with {trainer.world_size} processes (by {type(exception).__name__}, which may stop one rank alone)"
         if not self._armed:
             return "before this start's first batch"
         if self._stepping:
@@ -272,7 +369,7 @@ class InterruptCheckpoint(pl.Callback):
             log.warning("%s during validation at step %d: no %s written; the run resumes from its last periodic "
                         "checkpoint", type(exception).__name__, trainer.global_step, self.FILENAME)
             return
-        why_not = self._why_not(trainer)
+        why_not = self._why_not(trainer, exception)
         if why_not is not None:
             log.warning("%s at step %d: no %s written %s; the run resumes from its last periodic checkpoint",
                         type(exception).__name__, trainer.global_step, self.FILENAME, why_not)
@@ -281,6 +378,9 @@ class InterruptCheckpoint(pl.Callback):
             trainer.save_checkpoint(self.path)
         except Exception as error:  # never hide the run's own error behind this one
             log.warning("could not write %s: %s", self.path, error)
+            if trainer.world_size > 1 and trainer.is_global_zero:
+                # rank 0 writes the file: it failed before the save's closing barrier, where the others wait
+                trainer.strategy.barrier("interrupted.ckpt not written")
             return
         log.warning("%s: the run's state at step %d is in %s; the same command resumes from it (resume=auto)",
                     type(exception).__name__, trainer.global_step, self.path)

@@ -29,7 +29,7 @@ from flamingo_lab.data.mixture import updates_per_step
 from flamingo_lab.machine import machine
 from flamingo_lab.pretrain import ensure_pretrained
 from flamingo_lab.training.callbacks import (EvalCurve, GateLogger, InterruptCheckpoint, LossHistory, RunRecord,
-                                             StepTimer)
+                                             StepTimer, StopTogether)
 from flamingo_lab.training.datamodule import FlamingoDataModule
 from flamingo_lab.training.module import FlamingoModule
 
@@ -536,7 +536,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     # no version counter: a state is always last.ckpt (set_aside_checkpoints moves an earlier run's away first)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=max(every, 50) * ups,
                                  enable_version_counter=False)
-    interrupted = InterruptCheckpoint(ckpt_dir / InterruptCheckpoint.FILENAME)
+    together = StopTogether()
+    interrupted = InterruptCheckpoint(ckpt_dir / InterruptCheckpoint.FILENAME, together)
     record = RunRecord(fingerprint, attempts(resume, ups), last_path=str(ckpt_dir / "last.ckpt"))
     logger = make_logger(cfg, run_dir, resuming=resume is not None)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -550,7 +551,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     trainer = pl.Trainer(
         **trainer_kwargs,
         logger=logger,
-        callbacks=[record, timer, gates, history, checkpoint, *([curve] if curve else []), interrupted],
+        callbacks=[together, record, timer, gates, history, checkpoint, *([curve] if curve else []), interrupted],
         default_root_dir=str(run_dir),
     )
     if logger:
@@ -605,6 +606,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             logger.experiment.finish()
         _write_json(run_dir / "results.json", results)
         log.info("results: %s", run_dir / "results.json")
+    if together.signalled:  # after the last step's batch: the run finished, and still was asked to stop
+        log.warning("SIGTERM came after the last step: the run is complete, and stops here (exit 143)")
+        raise SIGTERMException()
     return results
 
 
