@@ -363,6 +363,41 @@ def test_sigterm_in_the_last_step_lets_the_run_finish_and_still_exits_143(tiny_w
     assert not (tmp_path / "cut" / "checkpoints" / "interrupted.ckpt").exists()
 
 
+def test_sigterm_before_a_validation_stops_after_it(tiny_world_dir, tmp_path, monkeypatch):
+    """trainer.val_check_interval=2: SIGTERM in step 2's batch stopped the run inside the validation that follows,
+    and no state was written (a validation is not resumable in the middle). The run now validates, stops after it
+    with step 2's state, and the resumed run is the uninterrupted one: same losses, validations and logged steps."""
+    extra = ["trainer.val_check_interval=2", "trainer.log_every_n_steps=1"]
+    whole = _run(tiny_world_dir, tmp_path / "whole", 6, *extra)
+    with monkeypatch.context() as m:
+        _sigterm_in_batch(m, 1)
+        with pytest.raises(SystemExit):
+            _run(tiny_world_dir, tmp_path / "cut", 6, *extra)
+    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+    with monkeypatch.context() as m:
+        logged = _logged_steps(m)
+        resumed = _run(tiny_world_dir, tmp_path / "cut", 6, *extra)
+    _same_run(resumed, whole)
+    assert resumed["data"]["val"]["passes"] == whole["data"]["val"]["passes"] == 3
+    assert resumed["loss"]["val"] == pytest.approx(whole["loss"]["val"], rel=1e-6)
+    assert logged == [6]  # the step the loggers log at as the resumed fit ends, as the uninterrupted run's
+
+
+def test_a_run_that_validates_on_the_way_extended_logs_at_its_steps(tiny_world_dir, tmp_path, monkeypatch):
+    """trainer.val_check_interval=2, a 4-step run extended to 6: its final state, written after step 4's
+    validation, was restored by Lightning as one saved as that validation ended, and step 4 counted twice: the
+    loggers logged steps 5 and 6 at 6 and 7."""
+    extra = ["trainer.val_check_interval=2", "trainer.log_every_n_steps=1"]
+    whole = _run(tiny_world_dir, tmp_path / "whole", 6, *extra)
+    with monkeypatch.context() as m:
+        logged = _logged_steps(m)
+        _run(tiny_world_dir, tmp_path / "run", 4, *extra)
+        longer = _run(tiny_world_dir, tmp_path / "run", 6, *extra)
+    assert logged == [4, 6]
+    _same_run(longer, whole)
+
+
 def test_a_slurm_requeue_writes_the_state_of_a_finished_step(tiny_world_dir, tmp_path, monkeypatch):
     """SLURM's requeue signal (USR1, auto-requeue) made Lightning write hpc_ckpt_<n>.ckpt from inside the signal
     handler, wherever the step stood: here just after step 4's update, before Lightning counted it, so the
@@ -575,4 +610,25 @@ def test_a_two_process_run_stopped_by_sigterm_resumes_from_the_step_it_finished(
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     result = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert [a["from_step"] for a in result["attempts"]] == [0, 4]
+    _same_run(result, two_process_whole)
+
+
+@pytest.mark.slow
+def test_a_two_process_run_signalled_in_its_last_step_finishes_and_exits_143(two_process_whole, tiny_world_dir,
+                                                                              tmp_path):
+    """SIGTERM to rank 1 alone in the last step: the ranks agree as training ends, so rank 0, which was not
+    signalled, writes the complete results and exits 143 too (a sweep stops), and rank 1 exits 0 (Lightning's
+    launcher SIGKILLs every rank, rank 0 included, when a rank it launched exits non-zero)."""
+    import os
+    import signal
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_SIGNAL_AT_STEP.format(step=6, rank=1,
+                                                                  kill="os.kill(os.getpid(), signal.SIGTERM)"))
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    cut = _two_processes(tiny_world_dir, tmp_path / "cut", 7, env)
+    assert cut.returncode == 128 + signal.SIGTERM, cut.stderr[-4000:]
+    result = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert result["status"] == "complete"
     _same_run(result, two_process_whole)

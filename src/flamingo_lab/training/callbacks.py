@@ -220,37 +220,37 @@ class StopTogether(pl.Callback):
     collective call), so every rank must make it at the same point.
 
     The signal handlers only note the signal (SIGTERM is passed to the ranks Lightning launched, as Lightning's
-    handler does). At the end of each training batch that completes an update the ranks agree (an all-reduce of
-    their notes; one process needs none), and as the next batch starts every rank acts: after any validation of
-    the step (which finishes, and is in the state), never inside an accumulation of several batches (whose
-    gradients no checkpoint holds), and after every callback has counted the step. SIGTERM raises Lightning's
-    ``SIGTERMException`` there (``InterruptCheckpoint`` writes the state); the requeue runs Lightning's own
-    requeue (its checkpoint, then ``scontrol requeue``) there and training goes on until SLURM stops the job.
-    A SIGTERM after the last step's batch lets the run finish and write its results; ``signalled`` then tells
-    the caller, which exits 143 all the same.
+    handler does). As each training batch that begins an update starts, the ranks agree (an all-reduce of their
+    notes; one process needs none) and act together: after the previous step's callbacks, evaluation, saves and
+    validation (which finish, and are in the state), never inside an accumulation of several batches (whose
+    gradients no checkpoint holds). SIGTERM raises Lightning's ``SIGTERMException`` there
+    (``InterruptCheckpoint`` writes the state); the requeue runs Lightning's own requeue (its checkpoint, then
+    ``scontrol requeue``) there, and training goes on until SLURM stops the job. A SIGTERM during the last batch
+    lets the run finish: the ranks agree once more as training ends, and ``stop_requested`` tells the caller,
+    which writes the results and exits 143 all the same. Under round robin an update is one source's, so the
+    state is that of the end of an update, not always of a whole step (a resume goes on at the next source).
 
     Lightning 2.6's own handlers act inside the signal handler, which runs wherever the main thread stands. Its
     SIGTERM handler broadcasts there (its PR #20825), often inside another collective (DDP's buffer broadcast or
     gradient all-reduce), so the ranks' collectives no longer paired up and a two-process run given SIGTERM hung
     until killed (10 minutes here, in DDP's forward and the handler's broadcast); each rank then raised at a
-    batch's end on its own flag (its issue #20806). Its requeue handler writes the checkpoint there: inside the
-    optimiser's update it held half an update, and between the update and the step's callbacks a step those
-    callbacks had not counted (and under DDP it is a collective inside a handler too). Lightning's flag
-    (``trainer.received_sigterm``) is left unset.
+    batch's end on its own flag (its issue #20806). Its requeue handler writes the checkpoint there: just after
+    an update that Lightning had not yet counted it held that update's weights under the step before (and under
+    DDP it is a collective inside a handler too). Lightning's flag (``trainer.received_sigterm``) is left unset.
     """
 
     def __init__(self):
         self.signalled = False  # this rank's SIGTERM handler has run in this fit
         self.requeue_noted = False  # this rank's requeue handler has run since the last requeue
-        self.stop_at: int | None = None  # the step after which the ranks agreed to stop
-        self.requeue_at: int | None = None  # ... to write the requeue checkpoint and requeue
+        self.stop_at: int | None = None  # the step at which the ranks stopped together
+        self.stop_requested = False  # the ranks agreed to stop (before a batch, or as training ended)
         self._connector = None
 
     def on_fit_start(self, trainer, pl_module):
         import types
 
-        self.signalled = self.requeue_noted = False
-        self.stop_at = self.requeue_at = self._connector = None
+        self.signalled = self.requeue_noted = self.stop_requested = False
+        self.stop_at = self._connector = None
         connector = getattr(trainer, "_signal_connector", None)
         if connector is None or not hasattr(connector, "_sigterm_notifier_fn") \
                 or not hasattr(connector, "_slurm_sigusr_handler_fn"):
@@ -270,11 +270,8 @@ class StopTogether(pl.Callback):
         connector._sigterm_notifier_fn = types.MethodType(note_sigterm, connector)
         connector._slurm_sigusr_handler_fn = types.MethodType(note_requeue, connector)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-        processed = trainer.fit_loop.epoch_loop.batch_progress.total.processed  # this batch included
-        if self.stop_at is not None or (accumulate > 1 and processed % accumulate):
-            return  # the same on every rank: every rank makes the collective below, or none
+    def _agree(self, trainer) -> tuple[bool, bool]:
+        """(stop, requeue): whether any rank noted SIGTERM / the requeue signal. Every rank must call it alike."""
         flags = [int(self.signalled), int(self.requeue_noted)]
         if trainer.world_size > 1:
             import torch
@@ -284,23 +281,32 @@ class StopTogether(pl.Callback):
                 agreed = torch.tensor(flags, device=trainer.strategy.root_device)
                 dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
                 flags = [int(v) for v in agreed.tolist()]
-        if flags[1]:
-            self.requeue_at = trainer.global_step
-        if flags[0]:
-            self.stop_at = trainer.global_step
+        return bool(flags[0]), bool(flags[1])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.requeue_at is not None:
+        if self._connector is None:
+            return
+        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        finished = trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        if accumulate > 1 and finished % accumulate:
+            return  # inside an accumulation: the same on every rank, so every rank agrees below or none does
+        stop, requeue = self._agree(trainer)
+        if requeue:
             import signal
 
-            self.requeue_at, self.requeue_noted = None, False
+            self.requeue_noted = False
             # Lightning's own requeue (its loggers finalised, hpc_ckpt_<n>.ckpt, scontrol requeue on rank 0), called
             # where every rank stands alike: the state of the finished step, this fetched batch set back
             type(self._connector)._slurm_sigusr_handler_fn(self._connector, signal.SIGUSR1, None)
-        if self.stop_at is not None:
+        if stop:
             from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+            self.stop_requested, self.stop_at = True, trainer.global_step
             raise SIGTERMException()
+
+    def on_train_end(self, trainer, pl_module):
+        if self._connector is not None:
+            self.stop_requested = self._agree(trainer)[0]  # a SIGTERM during the last batch, on any rank
 
     def stopped_together(self, trainer, exception: BaseException) -> bool:
         """Whether ``exception`` is the stop that every rank makes at the batch they agreed on."""
@@ -420,6 +426,17 @@ class RunRecord(pl.Callback):
     def on_validation_end(self, trainer, pl_module):
         if not trainer.sanity_checking:
             self._validated_at = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        """Lightning's loggers log at ``_batches_that_stepped``, which counts the updates made (global_step, here:
+        one update a batch or an accumulation). Resumed from a state written after a step's validation and before
+        the next batch (an interrupted.ckpt, a requeue's hpc_ckpt, the final last.ckpt of a run that validates
+        on the way), Lightning counted that step once more: its restart takes such a state for one saved as the
+        validation ended, before the count. The loggers then logged every later step one ahead."""
+        loop = trainer.fit_loop.epoch_loop
+        if pl_module.automatic_optimization and getattr(loop, "_batches_that_stepped", None) is not None \
+                and loop._batches_that_stepped != trainer.global_step:
+            loop._batches_that_stepped = trainer.global_step
 
     def on_train_end(self, trainer, pl_module):
         """The final state as ``last_path`` (last.ckpt), on every rank (writing gathers their streams): the

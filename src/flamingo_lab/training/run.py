@@ -427,7 +427,9 @@ def run(cfg: DictConfig, run_dir: str | Path, catch: bool = False) -> dict[str, 
         return train(cfg, run_dir)
     except SIGTERMException as stopped:  # Lightning's SystemExit() exits 0, as if the run had finished
         log.warning("stopped by SIGTERM; the same command resumes the run from its last state (resume=auto)")
-        raise SystemExit(143) from stopped  # 128 + SIGTERM, as a shell reports a process the signal ended
+        # 128 + SIGTERM, as a shell reports a process the signal ended; by rank 0 alone: Lightning's launcher
+        # SIGKILLs every rank when one of the ranks it launched exits non-zero (rank 0 still writing its results)
+        raise SystemExit(143 if _rank() == 0 else 0) from stopped
     except Exception as error:
         results = failed_results(cfg, error, key, time.perf_counter() - started)
         _finish_wandb(results)
@@ -606,8 +608,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             logger.experiment.finish()
         _write_json(run_dir / "results.json", results)
         log.info("results: %s", run_dir / "results.json")
-    if together.signalled:  # after the last step's batch: the run finished, and still was asked to stop
-        log.warning("SIGTERM came after the last step: the run is complete, and stops here (exit 143)")
+    if together.stop_requested:  # during the last batch, on any rank: the run finished, and was asked to stop
+        log.warning("SIGTERM came in the last step: the run is complete, and stops here (exit 143)")
         raise SIGTERMException()
     return results
 
