@@ -560,8 +560,10 @@ def _two_processes(world: Path, run_dir: Path, steps: int, env: dict | None = No
     import subprocess
     import sys
 
-    args = [*_quiet(world, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-                    f"trainer.max_steps={steps}"), f"hydra.run.dir={run_dir}"]
+    # one loader worker a source: a signal to every process reaches the workers too
+    args = [*(a for a in _quiet(world) if not a.startswith("data.num_workers=")), "data.num_workers=1", "trainer=ddp",
+            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", f"trainer.max_steps={steps}",
+            f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen([str(Path(sys.executable).parent / "flamingo-train"), *args], cwd=run_dir.parent,
                             env=dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", **(env or {})),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

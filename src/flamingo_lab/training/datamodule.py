@@ -41,6 +41,16 @@ def worker_context():
     return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """A loader worker ignores SIGTERM: a preemption signals every process of the job (SLURM, ``kill -- -PGID``),
+    and a worker that PyTorch's own handler ended made the training process raise "DataLoader worker ... is killed
+    by signal: Terminated" wherever it stood, so the run failed rather than stopping between batches with its
+    state written (``StopTogether``). The worker still stops when its loader shuts it down or its parent dies."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _Passes:
     """``batches`` as an iterable that calls ``on_start`` each time a pass over it begins; a short last batch
     (:class:`_FullBatchesOrSkips`) goes to ``on_partial`` instead of the pass."""
@@ -213,6 +223,7 @@ class FlamingoDataModule(pl.LightningDataModule):
             drop_last=not finite,
             collate_fn=_FullBatchesOrSkips(batch_size) if finite else None,
             multiprocessing_context=worker_context() if workers > 0 else None,
+            worker_init_fn=_ignore_sigterm if workers > 0 else None,
         )
 
     def train_loaders(self) -> dict[str, DataLoader]:

@@ -608,8 +608,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             logger.experiment.finish()
         _write_json(run_dir / "results.json", results)
         log.info("results: %s", run_dir / "results.json")
-    if together.stop_requested:  # during the last batch, on any rank: the run finished, and was asked to stop
-        log.warning("SIGTERM came in the last step: the run is complete, and stops here (exit 143)")
+    if together.stop_requested or together.signalled:  # in the last batch (on any rank) or after it
+        log.warning("SIGTERM came in or after the last step: the run is complete, and stops here (exit 143)")
         raise SIGTERMException()
     return results
 
