@@ -554,7 +554,7 @@ FlamingoModule.training_step = _signalled
 '''
 
 
-def _two_processes(world: Path, run_dir: Path, steps: int, env: dict | None = None):
+def _two_processes(world: Path, run_dir: Path, steps: int, env: dict | None = None, *extra: str):
     import os
     import signal
     import subprocess
@@ -563,7 +563,7 @@ def _two_processes(world: Path, run_dir: Path, steps: int, env: dict | None = No
     # one loader worker a source: a signal to every process reaches the workers too
     args = [*(a for a in _quiet(world) if not a.startswith("data.num_workers=")), "data.num_workers=1", "trainer=ddp",
             "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", f"trainer.max_steps={steps}",
-            f"hydra.run.dir={run_dir}"]
+            f"hydra.run.dir={run_dir}", *extra]
     proc = subprocess.Popen([str(Path(sys.executable).parent / "flamingo-train"), *args], cwd=run_dir.parent,
                             env=dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", **(env or {})),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -634,3 +634,82 @@ def test_a_two_process_run_signalled_in_its_last_step_finishes_and_exits_143(two
     result = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert result["status"] == "complete"
     _same_run(result, two_process_whole)
+
+
+_REQUEUE_AT_STEP = '''
+import os, signal
+from flamingo_lab.training.module import FlamingoModule
+
+_step, _sent = FlamingoModule.optimizer_step, []
+
+def _signalled(self, *args, **kwargs):
+    out = _step(self, *args, **kwargs)
+    if self.trainer.global_step == 3 and self.trainer.global_rank == 0 and not _sent:
+        _sent.append(True)
+        os.killpg(os.getpgid(0), signal.SIGUSR1)  # SLURM signals every task of the job step
+    return out
+
+FlamingoModule.optimizer_step = _signalled
+'''
+
+
+@pytest.mark.slow
+def test_a_two_task_slurm_requeue_writes_a_whole_step_on_both_ranks(two_process_whole, tiny_world_dir, tmp_path):
+    """A 2-task SLURM job (srun's two processes: a fake job here, with a stand-in scontrol) given the requeue
+    signal just after step 4's update: Lightning wrote hpc_ckpt_<n>.ckpt from inside the signal handler on each
+    rank, a collective call inside a handler that runs wherever the main thread stands. Now the ranks write it
+    together between batches: step 4, both ranks' stream positions; rank 0 requeues the job once, training goes
+    on, and a run resumed from the checkpoint is the uninterrupted one."""
+    import contextlib
+    import os
+    import signal
+    import socket
+    import stat
+    import subprocess
+    import sys
+
+    hook, bin_dir, calls = tmp_path / "hook", tmp_path / "bin", tmp_path / "scontrol-calls"
+    hook.mkdir()
+    bin_dir.mkdir()
+    (hook / "sitecustomize.py").write_text(_REQUEUE_AT_STEP)
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(stat.S_IRWXU)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "job"
+    args = [*(a for a in _quiet(tiny_world_dir) if not a.startswith("data.num_workers=")), "data.num_workers=1",
+            "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+            "trainer.max_steps=7", f"hydra.run.dir={run_dir}"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2",
+               SLURM_NNODES="1", SLURM_JOB_NAME="train", SLURM_JOB_ID="4242", SLURM_NODEID="0",
+               SLURM_NODELIST="localhost", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    command = [str(Path(sys.executable).parent / "flamingo-train"), *args]
+    ranks, outputs = [], None
+    try:
+        for rank in (0, 1):  # srun's tasks: one process group, as the job step's
+            group = {"process_group": ranks[0].pid if ranks else 0}
+            ranks.append(subprocess.Popen(command, cwd=tmp_path, env=dict(env, SLURM_PROCID=str(rank),
+                                                                          SLURM_LOCALID=str(rank)),
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **group))
+        outputs = [p.communicate(timeout=240) for p in ranks]
+    except subprocess.TimeoutExpired:
+        os.killpg(ranks[0].pid, signal.SIGKILL)
+        pytest.fail("the 2-task job hung (killed after 240 s): " + ranks[0].communicate()[1][-3000:])
+    finally:
+        if outputs is None and ranks:  # rank 1 never started: rank 0 would wait for it forever
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(ranks[0].pid, signal.SIGKILL)
+    assert [p.returncode for p in ranks] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert calls.read_text().split() == ["requeue", "4242"]  # by rank 0 alone
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    ckpt = torch.load(hpc, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4
+    assert sorted(ckpt["FlamingoDataModule"]["positions_by_rank"]) == [0, 1]
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "complete"  # it trained on to the end
+    again = tmp_path / "again"
+    proc = _two_processes(tiny_world_dir, again, 7, None, f"resume={hpc}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _same_run(json.loads((again / "results.json").read_text()), two_process_whole)
