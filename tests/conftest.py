@@ -49,3 +49,27 @@ def tiny_world_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_world")
     write_world(compose_world("tiny"), out, progress=False)
     return out
+
+
+def two_processes(args: list[str], run_dir, steps: int, env: dict | None = None, *extra: str):
+    """``flamingo-train`` on 2 CPU processes (gloo) with ``args`` (choose ``trainer=ddp`` or ``trainer=fsdp``), in
+    ``run_dir``, for ``steps`` steps; the finished process (killed with every rank it launched after 240 s, and
+    the test failed: a hang)."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    args = [*args, "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+            f"trainer.max_steps={steps}", f"hydra.run.dir={run_dir}", *extra]
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "flamingo-train"), *args], cwd=run_dir.parent,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", **(env or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # every rank: the ranks it launched are in its session
+        out, err = proc.communicate()
+        pytest.fail(f"the 2-process run hung (killed after 240 s): {err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -18,6 +18,8 @@ import torch
 
 from flamingo_lab.config import compose
 
+from conftest import two_processes
+
 
 def _quiet(world: Path, *extra: str) -> list[str]:  # as tests/test_train.py's
     return ["scale=tiny", f"data.root={world}", "logger=none", "trainer.log_every_n_steps=1",
@@ -555,25 +557,9 @@ FlamingoModule.training_step = _signalled
 
 
 def _two_processes(world: Path, run_dir: Path, steps: int, env: dict | None = None, *extra: str):
-    import os
-    import signal
-    import subprocess
-    import sys
-
     # one loader worker a source: a signal to every process reaches the workers too
-    args = [*(a for a in _quiet(world) if not a.startswith("data.num_workers=")), "data.num_workers=1", "trainer=ddp",
-            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", f"trainer.max_steps={steps}",
-            f"hydra.run.dir={run_dir}", *extra]
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "flamingo-train"), *args], cwd=run_dir.parent,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", **(env or {})),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # every rank: the ranks it launched are in its session
-        out, err = proc.communicate()
-        pytest.fail(f"the 2-process run hung (killed after 240 s): {err[-3000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    args = [*(a for a in _quiet(world) if not a.startswith("data.num_workers=")), "data.num_workers=1", "trainer=ddp"]
+    return two_processes(args, run_dir, steps, env, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -56,16 +56,17 @@ def test_every_trainer_config_builds_a_lightning_trainer(choice, tmp_path):
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import StrategyRegistry
 
+    import flamingo_lab.training.sharding  # noqa: F401 -- registers fsdp2 (as flamingo-train's import does)
+
     cfg = compose([f"trainer={choice}"])
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert kwargs["gradient_clip_val"] == 1.0 and kwargs["max_steps"] > 0
     assert kwargs["strategy"] == "auto" or kwargs["strategy"] in StrategyRegistry
-    if kwargs["strategy"] == "fsdp" and not torch.cuda.is_available():
-        pytest.skip("Lightning's FSDP needs a GPU; the config's keys were checked above")
     if not torch.cuda.is_available():  # no GPU here: the same strategy on one CPU process
         kwargs.update(accelerator="cpu", devices=1, precision="32-true")
     trainer = pl.Trainer(**kwargs, logger=False, default_root_dir=tmp_path)
-    expected = {"cpu": "SingleDeviceStrategy", "gpu": "SingleDeviceStrategy", "ddp": "DDPStrategy", "fsdp": "FSDPStrategy"}
+    expected = {"cpu": "SingleDeviceStrategy", "gpu": "SingleDeviceStrategy", "ddp": "DDPStrategy",
+                "fsdp": "FSDP2Strategy"}
     assert type(trainer.strategy).__name__ == expected[choice]
 
 
@@ -93,6 +94,24 @@ def test_fsdp_clips_the_global_norm_through_the_wrapped_module(tiny_world_dir):
     module.trainer = SimpleNamespace(strategy=SimpleNamespace())  # e.g. DDP or a single device
     module.configure_gradient_clipping(None, 1.0, "norm")
     assert calls == [("fsdp", 1.0), ("lightning", 0.5, "value"), ("lightning", 1.0, "norm")]
+
+
+def test_lightnings_fsdp1_on_several_processes_is_refused_with_the_fix():
+    """Lightning's FSDP1 (trainer.strategy=fsdp) keeps each parameter as this rank's shard outside a forward pass
+    (a rank may hold none of a gate), where the gate logger and the evaluation read it: refused on more than one
+    process, naming trainer=fsdp (FSDP2), which gathers them (tests/test_fsdp.py). FSDP1 builds only with a GPU,
+    so the check is given the trainer's two facts it reads."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from flamingo_lab.training.sharding import FSDP2Strategy, check_strategy
+
+    with pytest.raises(ValueError, match="trainer=fsdp .*fsdp2"):
+        check_strategy(SimpleNamespace(strategy=FSDPStrategy(), world_size=2))
+    check_strategy(SimpleNamespace(strategy=FSDPStrategy(), world_size=1))  # one GPU: NO_SHARD, whole parameters
+    check_strategy(SimpleNamespace(strategy=FSDP2Strategy(), world_size=2))
+    check_strategy(SimpleNamespace(strategy=DDPStrategy(), world_size=2))
 
 
 def test_compose_equals_command_line_config(tmp_path):

@@ -23,6 +23,16 @@ from .config import XATTN, XAttnConfig
 from .resampler import feed_forward
 
 
+def gate_value(alpha: torch.Tensor) -> float:
+    """tanh(alpha) of a gate parameter. Under FSDP2 (``trainer=fsdp``) a parameter is a DTensor sharded over the
+    ranks (a rank may hold none of a shape-(1,) gate): its full value is gathered, a collective call that every
+    rank makes at the same point (the gate logger and results.json do)."""
+    alpha = alpha.detach()
+    if hasattr(alpha, "full_tensor"):  # torch.distributed.tensor.DTensor
+        alpha = alpha.full_tensor()
+    return torch.tanh(alpha).item()
+
+
 def media_mask(text_to_media: torch.Tensor, n_media: int, n_latents: int, attend: str) -> torch.Tensor:
     """Which media latents each token may see: bool ``(B, L, T_img*n)``, True = attend."""
     key_image = torch.arange(1, n_media + 1, device=text_to_media.device)
@@ -82,7 +92,7 @@ class GatedCrossAttentionBlock(nn.Module):
         """The current gate values tanh(alpha) (1.0 for gating='none')."""
         if self.gating == "none":
             return {"attn": 1.0, "ffw": 1.0}
-        return {"attn": torch.tanh(self.alpha_xattn).item(), "ffw": torch.tanh(self.alpha_dense).item()}
+        return {"attn": gate_value(self.alpha_xattn), "ffw": gate_value(self.alpha_dense)}
 
     def forward(self, y: torch.Tensor, media: torch.Tensor, text_to_media: torch.Tensor) -> torch.Tensor:
         if self.gating == "none":
@@ -155,7 +165,7 @@ class GraftLayer(nn.Module):
     def gates(self) -> dict[str, float]:
         if self.gating == "none":
             return {"attn": 1.0, "ffw": 1.0}
-        return {"attn": torch.tanh(self.alpha_xattn).item(), "ffw": torch.tanh(self.alpha_dense).item()}
+        return {"attn": gate_value(self.alpha_xattn), "ffw": gate_value(self.alpha_dense)}
 
     def forward(self, y, media, text_to_media, attention_mask=None):
         if self.kind == "self":

@@ -29,6 +29,16 @@ class FlamingoModule(pl.LightningModule):
         self.cfg = cfg
         self.model = build_flamingo(cfg["model"])
 
+    def configure_model(self):
+        """Under ``trainer=fsdp`` (:mod:`flamingo_lab.training.sharding`), shard the model over the processes;
+        under every other strategy, nothing."""
+        from flamingo_lab.training.sharding import is_sharded, shard_flamingo
+
+        # not self.trainer: Lightning's load_from_checkpoint (flamingo-eval) calls the hook with no trainer attached
+        if is_sharded(self._trainer) and not getattr(self, "_sharded", False):
+            shard_flamingo(self.model, self.device_mesh["data_parallel"])
+            self._sharded = True  # Lightning calls the hook again for each stage (fit, then validate, ...)
+
     def forward(self, batch: dict[str, torch.Tensor]):
         return self.model(
             batch["input_ids"],

@@ -32,6 +32,7 @@ from flamingo_lab.training.callbacks import (EvalCurve, GateLogger, InterruptChe
                                              StepTimer, StopTogether)
 from flamingo_lab.training.datamodule import FlamingoDataModule
 from flamingo_lab.training.module import FlamingoModule
+from flamingo_lab.training.sharding import check_strategy, is_sharded, unsharded_copy
 
 log = logging.getLogger(__name__)
 
@@ -556,6 +557,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         callbacks=[together, record, timer, gates, history, checkpoint, *([curve] if curve else []), interrupted],
         default_root_dir=str(run_dir),
     )
+    check_strategy(trainer)
     if logger:
         logger.log_hyperparams({"params": counts})
 
@@ -577,6 +579,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "steps": trainer.global_step // ups,  # training steps (round robin: each is one update per source)
         "updates": trainer.global_step,
         "world_size": trainer.world_size,
+        "strategy": type(trainer.strategy).__name__,  # DDPStrategy, FSDP2Strategy (trainer=fsdp), ...
         "step_time_s": {"mean": timer.mean, "median": timer.median, "n": len(timer.times)},
         "loss": history.summary(),
         "gates": module.model.gate_values(),
@@ -587,10 +590,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "attempts": record.attempts,  # each start and resume: when, from which step, overrides, machine
         "config": container,
     }
+    eval_model = module.model
+    if is_sharded(trainer):  # rank 0 evaluates an unsharded copy (every rank gathers its shards for it)
+        eval_model = unsharded_copy(module.model, container["model"], trainer.strategy.root_device)
     if trainer.is_global_zero:
-        evaluation = evaluate_at_end(module.model, cfg, run_dir)
+        evaluation = evaluate_at_end(eval_model, cfg, run_dir)
         if cache is not None:  # model.vision.cache_mib: frames served from the cache, in training and in all
-            results["vision_cache"] = {"training": cache_after_training, "with_evaluation": cache.stats()}
+            if eval_model is module.model:
+                results["vision_cache"] = {"training": cache_after_training, "with_evaluation": cache.stats()}
+            else:  # the unsharded copy evaluated, with a cache of its own
+                results["vision_cache"] = {"training": cache_after_training, "evaluation": eval_model.vision.cache.stats()}
             log.info("vision feature cache: %s", json.dumps(results["vision_cache"]))
         if evaluation is not None:
             results["eval"] = evaluation
