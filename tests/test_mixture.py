@@ -413,3 +413,36 @@ def test_validation_skips_after_the_last_sample_and_in_a_short_last_batch_are_co
     counts = dm.skip_counts()["val"]
     assert counts["per_source"]["ltip"]["skipped"] == {"missing_text": 3}
     assert counts["seen_total"] == 4 == 2 * len(evaluated)
+
+
+def test_validation_keeps_of_each_source_the_batches_every_rank_has():
+    """With several processes, each source's batches go on while every rank has its next one (``agree``, a
+    collective call in a run); the source then ends on every rank, and the others go on. Under FSDP a rank with
+    one batch more waited for the others for ever (every forward gathers parameters); under DDP a rank with no
+    batch of a source never logged its metric. Alone, the pass is the sources in turn, short batches left out."""
+    from flamingo_lab.training.datamodule import _Validation
+
+    def loader(source, n, short=False):
+        return [{"source": [source], "i": i} for i in range(n)] + ([{"partial": 1, "source": [source]}] if short else [])
+
+    partials, starts = [], []
+    loaders = {"a": loader("a", 3, short=True), "b": loader("b", 1), "c": loader("c", 2)}
+    alone = _Validation(loaders, lambda: starts.append(1), partials.append)
+    got = [(b["source"][0], b["i"]) for b in alone]
+    assert got == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("c", 1), ("a", 2)]
+    assert len(partials) == 1 and starts == [1]
+
+    # another rank has 2 batches of a, 1 of b, none of c; every rank asks for each source in the same order
+    other = iter([True, True, False,  # round 1: a, b, c (c ends: the other rank has none)
+                  True, True,  # round 2: a, b (b ends: this rank has no second)
+                  False])  # round 3: a (the other rank has no third)
+    calls = []
+
+    def agree(have):  # in a run: an all-reduce (MIN) of every rank's answer
+        calls.append(have)
+        return next(other) and have
+
+    together = _Validation(loaders, lambda: None, lambda short: None, agree)
+    got = [(b["source"][0], b["i"]) for b in together]
+    assert calls == [True, True, True, True, False, True] and next(other, None) is None
+    assert got == [("a", 0), ("b", 0), ("a", 1)]

@@ -114,6 +114,30 @@ def test_lightnings_fsdp1_on_several_processes_is_refused_with_the_fix():
     check_strategy(SimpleNamespace(strategy=DDPStrategy(), world_size=2))
 
 
+def test_an_unsharded_checkpoint_is_refused_to_a_sharded_run_even_with_force(tmp_path, caplog):
+    """Resumed under trainer=fsdp, a DDP or single-process checkpoint stopped inside Lightning with 'Missing
+    optimizer state for parameter ...' (its FSDP2 loader reads the optimiser state in the model's parameter order,
+    ours is in the order of the parameter groups): refused before training, force=true or not, naming the way
+    out. The other way (a sharded run's checkpoint under DDP) is a changed setting that force=true allows."""
+    from flamingo_lab.training.run import ResumeRefused, check_resume
+
+    def config(strategy):
+        return OmegaConf.to_container(compose(["scale=tiny", f"trainer.strategy={strategy}"]), resolve=True)
+
+    for written, strategy, force in [("ddp", "fsdp2", True), ("auto", "fsdp2", True), ("fsdp2", "ddp", True)]:
+        ckpt = tmp_path / f"{written}.ckpt"
+        torch.save({"global_step": 1, "hyper_parameters": {"cfg": config(written)}}, ckpt)
+        if strategy == "fsdp2":
+            with pytest.raises(ResumeRefused, match=f"trainer.strategy={written}.*cannot continue it.*own strategy"):
+                check_resume(config(strategy), str(ckpt), force=force)
+        else:
+            with caplog.at_level("WARNING"):
+                check_resume(config(strategy), str(ckpt), force=force)  # resumes anyway
+            assert "trainer.strategy: 'fsdp2' -> 'ddp'" in caplog.text
+            with pytest.raises(ResumeRefused, match="force=true to resume anyway"):
+                check_resume(config(strategy), str(ckpt), force=False)
+
+
 def test_compose_equals_command_line_config(tmp_path):
     overrides = ["model/lm=gpt2", "optim.lr=0.01", "trainer.max_steps=7"]
     proc = subprocess.run(

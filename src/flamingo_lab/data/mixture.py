@@ -119,23 +119,6 @@ class RoundRobin:
             k += 1
 
 
-class Interleave:
-    """Finite: one batch of each source in turn until all are exhausted (one validation iterable,
-    so ``val/loss`` is a single metric over every source's batches)."""
-
-    def __init__(self, loaders: dict[str, Any]):
-        self.loaders = loaders
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        its = {n: iter(dl) for n, dl in self.loaders.items()}
-        while its:
-            for name in list(its):
-                try:
-                    yield next(its[name])
-                except StopIteration:
-                    del its[name]
-
-
 class SkipTally:
     """Samples delivered and skipped per source and reason, summed from the batches' ``skipped`` tensors."""
 

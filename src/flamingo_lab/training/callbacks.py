@@ -183,7 +183,12 @@ class EvalCurve(pl.Callback):
 
         self._done.add(step)
         started = time.perf_counter()
-        result = evaluate_model(pl_module.model, self.root, self.cfg, progress=False)
+        model = pl_module.model
+        from flamingo_lab.training.sharding import is_sharded, unsharded_copy
+
+        if is_sharded(trainer):  # trainer=fsdp on one process: the model's units run only inside its forward
+            model = unsharded_copy(model, pl_module.cfg["model"], trainer.strategy.root_device)
+        result = evaluate_model(model, self.root, self.cfg, progress=False)
         for cb in trainer.callbacks:  # evaluation time is not training time: keep it out of the step time
             if isinstance(cb, StepTimer) and cb._mark is not None:
                 cb._mark += time.perf_counter() - started

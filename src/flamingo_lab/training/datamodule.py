@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import CombinedLoader
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from flamingo_lab.data.mixture import Interleave, RoundRobin, SkipTally, optimisation, source_specs
+from flamingo_lab.data.mixture import RoundRobin, SkipTally, optimisation, source_specs
 from flamingo_lab.data.shards import load_world, make_source_stream
 from flamingo_lab.models import load_tokenizer
 
@@ -51,20 +51,42 @@ def _ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-class _Passes:
-    """``batches`` as an iterable that calls ``on_start`` each time a pass over it begins; a short last batch
-    (:class:`_FullBatchesOrSkips`) goes to ``on_partial`` instead of the pass."""
+class _Validation:
+    """The validation pass: one full batch of each source in turn until all are exhausted (one iterable, so
+    ``val/loss`` is a single metric over every source's batches), calling ``on_start`` each time a pass begins;
+    a short last batch (:class:`_FullBatchesOrSkips`) goes to ``on_partial`` instead of the pass.
 
-    def __init__(self, batches: Iterable, on_start: Callable[[], None], on_partial: Callable[[dict], None]):
-        self.batches, self.on_start, self.on_partial = batches, on_start, on_partial
+    With several processes, ``agree(have)`` (a collective call, made on every rank for each source in turn)
+    says whether every rank has that source's next batch; where one has not, the source ends on every rank.
+    The ranks read their own part of the validation shards, which may give them different numbers of batches:
+    under FSDP every forward gathers parameters from all ranks, so a rank with one batch more waited for the
+    others for ever, and under DDP a rank with no batch of a source never logged its metric, which the others
+    waited to sync. Each rank now validates the batches of each source that every rank has."""
 
-    def __iter__(self) -> Iterator:  # a generator: Lightning calls iter() once just to check, and never steps it
-        self.on_start()
-        for batch in self.batches:
+    def __init__(self, loaders: dict[str, Iterable], on_start: Callable[[], None],
+                 on_partial: Callable[[dict], None], agree: Callable[[bool], bool] | None = None):
+        self.loaders, self.on_start, self.on_partial, self.agree = loaders, on_start, on_partial, agree
+
+    def _next_full(self, it: Iterator) -> dict | None:
+        for batch in it:
             if isinstance(batch, dict) and "partial" in batch:
                 self.on_partial(batch)
                 continue
-            yield batch
+            return batch
+        return None
+
+    def __iter__(self) -> Iterator:  # a generator: Lightning calls iter() once just to check, and never steps it
+        self.on_start()
+        its = {n: iter(dl) for n, dl in self.loaders.items()}
+        while its:
+            for name in list(its):
+                batch = self._next_full(its[name])
+                if self.agree is not None and not self.agree(batch is not None):
+                    batch = None  # some rank has no more of this source
+                if batch is None:
+                    del its[name]
+                    continue
+                yield batch
 
 
 class _FullBatchesOrSkips:
@@ -368,10 +390,22 @@ class FlamingoDataModule(pl.LightningDataModule):
 
     def val_dataloader(self):
         shards = self._shards("val")
-        batches = Interleave({s: self._loader(self._stream(s, shards[s], False), self.specs[s]["batch_size"], False,
-                                              finite=True) for s in self.specs})
-        return _Passes(batches, self._start_validation_pass,
-                       lambda short: self.val_tally.add_skips(short["source"][0], short["skipped"]))
+        loaders = {s: self._loader(self._stream(s, shards[s], False), self.specs[s]["batch_size"], False, finite=True)
+                   for s in self.specs}
+        return _Validation(loaders, self._start_validation_pass,
+                           lambda short: self.val_tally.add_skips(short["source"][0], short["skipped"]),
+                           self._every_rank_has if self._world_size() > 1 else None)
+
+    def _every_rank_has(self, have: bool) -> bool:
+        """Whether every rank has its next validation batch of the source in turn (all ranks call this together)."""
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(have)], device=self.trainer.strategy.root_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if have and not flag.item():
+            log.warning("validation: this rank (%d) has more batches of a source than another rank; each rank "
+                        "validates the batches of each source that every rank has", self._rank())
+        return bool(flag.item())
 
     def _start_validation_pass(self) -> None:
         self.val_tally = SkipTally(self.specs)

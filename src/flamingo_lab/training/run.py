@@ -32,6 +32,7 @@ from flamingo_lab.training.callbacks import (EvalCurve, GateLogger, InterruptChe
                                              StepTimer, StopTogether)
 from flamingo_lab.training.datamodule import FlamingoDataModule
 from flamingo_lab.training.module import FlamingoModule
+from flamingo_lab.training.sharding import STRATEGY_NAME as SHARDED
 from flamingo_lab.training.sharding import check_strategy, is_sharded, unsharded_copy
 
 log = logging.getLogger(__name__)
@@ -272,6 +273,13 @@ def check_resume(container: dict, ckpt_path: str, force: bool = False, data_fing
     if not isinstance(before, dict):
         log.warning("resume: %s holds no run config; cannot check that it was trained with this one", ckpt_path)
         return
+    was_strategy, strategy = ((c.get("trainer") or {}).get("strategy") for c in (before, container))
+    if strategy == SHARDED and was_strategy != SHARDED:  # force=true or not: it would stop inside Lightning
+        raise ResumeRefused(f"resume: {ckpt_path} was written under trainer.strategy={was_strategy}, and a sharded "
+                            f"run (trainer=fsdp) cannot continue it: Lightning's FSDP2 loader reads the optimiser "
+                            f"state in the model's parameter order, which this checkpoint's is not in (it stops with "
+                            f"'Missing optimizer state'). Resume it under its own strategy, or start a new run "
+                            f"folder (a sharded run's checkpoint does continue under DDP, with force=true)")
     changed = [k for k in _differences(before, container)
                if not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE)]
     if not changed:
@@ -591,15 +599,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "config": container,
     }
     eval_model = module.model
-    if is_sharded(trainer):  # rank 0 evaluates an unsharded copy (every rank gathers its shards for it)
+    if is_sharded(trainer) and OmegaConf.select(cfg, "eval.at_end_of_training", default=True):
+        # rank 0 evaluates an unsharded copy (every rank gathers its shards for it): the whole model on rank 0's
+        # device beside its shards, as single-process evaluation needs
         eval_model = unsharded_copy(module.model, container["model"], trainer.strategy.root_device)
     if trainer.is_global_zero:
         evaluation = evaluate_at_end(eval_model, cfg, run_dir)
         if cache is not None:  # model.vision.cache_mib: frames served from the cache, in training and in all
-            if eval_model is module.model:
-                results["vision_cache"] = {"training": cache_after_training, "with_evaluation": cache.stats()}
-            else:  # the unsharded copy evaluated, with a cache of its own
-                results["vision_cache"] = {"training": cache_after_training, "evaluation": eval_model.vision.cache.stats()}
+            # under trainer=fsdp the unsharded copy evaluated, with a cache of its own: its frames are the evaluation's
+            evaluated = eval_model.vision.cache if eval_model is not None and eval_model is not module.model else cache
+            results["vision_cache"] = {"training": cache_after_training, "with_evaluation": evaluated.stats()}
             log.info("vision feature cache: %s", json.dumps(results["vision_cache"]))
         if evaluation is not None:
             results["eval"] = evaluation

@@ -8,9 +8,11 @@ parallel training.
 
 What reads parameters outside a forward pass must gather them, on every rank at the same point: the gate values
 (:func:`flamingo_lab.models.xattn.gate_value`) and the evaluation at the end of training, which runs on rank 0
-on an unsharded copy (:func:`unsharded_copy`). Checkpoints hold the full state (gathered on rank 0 into one
-file), so a sharded run's ``last.ckpt`` loads into an unsharded model (``flamingo-eval``) and resumes on any
-number of processes Lightning allows.
+on an unsharded copy (:func:`unsharded_copy`; so does the eval curve of a one-process sharded run), and the
+validation batches, whose forwards gather too, are those every rank has (``datamodule._Validation``).
+Checkpoints hold the full state (gathered on rank 0 into one file), so a sharded run's ``last.ckpt`` loads into
+an unsharded model (``flamingo-eval``), resumes sharded, and continues under DDP with ``force=true``; an unsharded
+run's checkpoint cannot continue sharded, and ``check_resume`` says so.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def unsharded_copy(model: nn.Module, model_cfg: dict, device: torch.device) -> n
     from flamingo_lab.models import build_flamingo
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() != 0:
+    if dist.is_initialized() and dist.get_rank() != 0:
         return None
     copy = build_flamingo(model_cfg)
     copy.load_state_dict(state, strict=True)
