@@ -431,6 +431,13 @@ def test_validation_keeps_of_each_source_the_batches_every_rank_has():
     got = [(b["source"][0], b["i"]) for b in alone]
     assert got == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("c", 1), ("a", 2)]
     assert len(partials) == 1 and starts == [1]
+    # with 3 or more loader workers a worker's short last batch can come before another's full one: alone, it
+    # takes its source's turn, as before the ranks agreed (the same batches under limit_val_batches, the same
+    # val/loss for a run's config key); a reviewer saw the turn go to the next full batch instead
+    middle = {"a": [{"source": ["a"], "i": 0}, {"partial": 1, "source": ["a"]}, {"source": ["a"], "i": 1}],
+              "b": loader("b", 2)}
+    got = [(b["source"][0], b["i"]) for b in _Validation(middle, lambda: None, partials.append)]
+    assert got == [("a", 0), ("b", 0), ("b", 1), ("a", 1)]
 
     # another rank has 2 batches of a, 1 of b, none of c; every rank asks for each source in the same order
     other = iter([True, True, False,  # round 1: a, b, c (c ends: the other rank has none)

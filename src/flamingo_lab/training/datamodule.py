@@ -67,12 +67,18 @@ class _Validation:
                  on_partial: Callable[[dict], None], agree: Callable[[bool], bool] | None = None):
         self.loaders, self.on_start, self.on_partial, self.agree = loaders, on_start, on_partial, agree
 
-    def _next_full(self, it: Iterator) -> dict | None:
+    _TURN_TAKEN = object()
+
+    def _next(self, it: Iterator) -> Any:
+        """The source's item for this turn: a full batch, or None at its end. Alone, a short batch takes the turn
+        (``_TURN_TAKEN``), as in the pass before the ranks agreed (with loader workers a worker's short last batch
+        can come before other workers' full ones); with several processes the next full batch is taken."""
         for batch in it:
-            if isinstance(batch, dict) and "partial" in batch:
-                self.on_partial(batch)
-                continue
-            return batch
+            if not (isinstance(batch, dict) and "partial" in batch):
+                return batch
+            self.on_partial(batch)
+            if self.agree is None:
+                return self._TURN_TAKEN
         return None
 
     def __iter__(self) -> Iterator:  # a generator: Lightning calls iter() once just to check, and never steps it
@@ -80,7 +86,9 @@ class _Validation:
         its = {n: iter(dl) for n, dl in self.loaders.items()}
         while its:
             for name in list(its):
-                batch = self._next_full(its[name])
+                batch = self._next(its[name])
+                if batch is self._TURN_TAKEN:
+                    continue
                 if self.agree is not None and not self.agree(batch is not None):
                     batch = None  # some rank has no more of this source
                 if batch is None:
