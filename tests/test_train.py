@@ -328,6 +328,27 @@ def test_a_round_robin_step_sees_every_source_once_as_an_accumulating_step_does(
     assert sum(seen["update"].values()) * 4 == pytest.approx(sum(seen["accumulate"].values()), rel=0.3)
 
 
+def test_a_checkpoint_written_before_a_setting_existed_resumes_at_its_backward_default(tmp_path):
+    """A setting added since a checkpoint was written (KEY_BACKWARD_DEFAULTS) is absent from its stored config.
+    At the value that computes what the checkpoint's run computed, resuming is not refused as "1 setting differs"
+    (the config key already keeps such runs complete); at another value it is."""
+    from omegaconf import open_dict
+
+    from flamingo_lab.training.run import KEY_BACKWARD_DEFAULTS, ResumeRefused, check_resume
+
+    cfg = compose(["scale=tiny", "data.root=/nonexistent"])
+    assert cfg.model.vision.cache_mib == KEY_BACKWARD_DEFAULTS["model.vision.cache_mib"] == 0
+    before = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(before):
+        del before.model.vision["cache_mib"]  # as written before the feature cache existed
+    ckpt = tmp_path / "before.ckpt"
+    torch.save({"global_step": 1, "hyper_parameters": {"cfg": OmegaConf.to_container(before)}}, ckpt)
+    check_resume(OmegaConf.to_container(cfg, resolve=True), str(ckpt))
+    cached = compose(["scale=tiny", "data.root=/nonexistent", "model.vision.cache_mib=64"])
+    with pytest.raises(ResumeRefused, match=r"1 setting\(s\) differ: model.vision.cache_mib: None -> 64"):
+        check_resume(OmegaConf.to_container(cached, resolve=True), str(ckpt))
+
+
 def test_the_round_robin_step_enters_the_config_key_only_for_round_robin():
     """Accumulating runs keep their keys whether the setting is given or not; a round-robin config without it
     means a cycle now and trains again; `update` (the old meaning) drops out of the key as KEY_BACKWARD_DEFAULTS

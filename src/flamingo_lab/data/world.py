@@ -54,8 +54,8 @@ from flamingo_lab.data.tokenizer import EOC_TOKEN
 
 log = logging.getLogger(__name__)
 
-# /6: the tokenizer's ids are a pure function of the corpus (ties alphabetical); a world of another format is
-# refused (load_world) and rewritten by flamingo-data
+# /6: the tokenizer's ids are a pure function of the world's texts (corpus, shards and tasks; ties alphabetical); a
+# world of another format is refused (load_world) and rewritten by flamingo-data
 WORLD_FORMAT = "flamingo-lab-world/6"
 #: Keys added to WorldConfig after worlds of this format were written, each with the value that writes the
 #: same world as before it existed: a world.json without one reads as that value (load_world), and at that

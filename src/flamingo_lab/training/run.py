@@ -281,7 +281,8 @@ def check_resume(container: dict, ckpt_path: str, force: bool = False, data_fing
                             f"'Missing optimizer state'). Resume it under its own strategy, or start a new run "
                             f"folder (a sharded run's checkpoint does continue under DDP, with force=true)")
     changed = [k for k in _differences(before, container)
-               if not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE)]
+               if not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE)
+               and not _added_at_backward_default(k, before, container)]
     if not changed:
         return
     shown = "; ".join(f"{k}: {OmegaConf.select(OmegaConf.create(before), k, default=None)!r} -> "
@@ -290,6 +291,16 @@ def check_resume(container: dict, ckpt_path: str, force: bool = False, data_fing
             f"A resumed run continues the checkpoint's optimiser, schedule and data streams; only "
             f"{', '.join(RESUME_MAY_CHANGE)} may change. Resume with the checkpoint's settings, start a new run "
             f"folder for the new ones, or force=true to resume anyway", force)
+
+
+def _added_at_backward_default(key: str, before: dict, now: dict) -> bool:
+    """A setting added since the checkpoint was written, at the value that computes what it computed."""
+    if key not in KEY_BACKWARD_DEFAULTS:
+        return False
+    missing, default = object(), KEY_BACKWARD_DEFAULTS[key]
+    value = OmegaConf.select(OmegaConf.create(now), key, default=missing)
+    return (OmegaConf.select(OmegaConf.create(before), key, default=missing) is missing and value == default
+            and type(value) is type(default))  # as config_key: False is no 0
 
 
 def _refuse(message: str, force: bool) -> None:
