@@ -30,8 +30,10 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+# The two worlds of the embedded scale: the pretraining stages' (data/embedded) and the Flamingo's (data/embedded_flamingo)
 data: setup
 	$(BIN)/flamingo-data
+	$(BIN)/flamingo-data world=embedded_flamingo
 
 STUDY ?= multirun/table3-embedded
 
@@ -63,4 +65,4 @@ test-fast: setup
 	OMP_NUM_THREADS=1 $(BIN)/pytest -m "not slow" $(ARGS)
 
 clean:
-	rm -rf outputs multirun data/embedded data/tiny
+	rm -rf outputs multirun data/embedded data/embedded_flamingo data/tiny

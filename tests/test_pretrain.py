@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -114,3 +116,37 @@ def test_game_probe_tells_binding_from_repeating_a_word_shown(tiny_world_dir):
     assert bare["copy"] == 1.0 and bare["form"] == "bare colour word"
     repeats = game_copy(_GameLM(tokenizer, bind=False, bare=True), tokenizer, world["config"], n=60, bare=True)
     assert abs(repeats["copy"] - repeats["guess_among_shown"]) < 0.2
+
+
+def test_stages_learn_from_the_pretraining_world_and_refuse_one_without_the_flamingos_words(tiny_world_dir, tmp_path):
+    """pretrain.data_root: the stages learn from (and are cached under) that world, whatever world the Flamingo
+    trains on, so a study on a world with other video pairs reuses the stages of the world they were built on;
+    a Flamingo world writing words the stages' tokenizer lacks is refused, naming them (they would read as [UNK])."""
+    import json
+    import shutil
+
+    pre, flamingo = tmp_path / "pre", tmp_path / "flamingo"
+    shutil.copytree(tiny_world_dir, pre)
+    shutil.copytree(tiny_world_dir, flamingo)
+    stage = ["pretrain.lm.enabled=true", "pretrain.lm.steps=3", "pretrain.lm.batch_size=4", "pretrain.lm.seq_len=16",
+             "pretrain.lm.bf16=false"]
+    cfg = compose(["scale=tiny", f"data.root={flamingo}", f"pretrain.data_root={pre}", *stage])
+    first = ensure_pretrained(cfg, progress=False)["lm"]
+    assert first["built_now"] and Path(first["path"]).parent == pre / "cache"  # the stages' world's cache
+    assert cfg.model.lm.tokenizer == first["path"]  # the Flamingo reads its world with the LM's tokenizer
+    assert not (flamingo / "cache").exists()
+    on_its_own = compose(["scale=tiny", f"data.root={pre}", *stage])  # the same stage as the world's own
+    again = ensure_pretrained(on_its_own, progress=False)["lm"]
+    assert not again["built_now"] and again["path"] == first["path"]
+
+    tok = json.loads((flamingo / "tokenizer" / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["zebra"] = max(vocab.values()) + 1  # a word the pretraining world never wrote
+    (flamingo / "tokenizer" / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match=r"1 word\(s\) that the tokenizer of the pretraining world.*\('zebra'\)"):
+        ensure_pretrained(compose(["scale=tiny", f"data.root={flamingo}", f"pretrain.data_root={pre}", *stage]),
+                          progress=False)
+    scratch = compose(["scale=tiny", f"data.root={flamingo}", f"pretrain.data_root={pre}", *stage,
+                       "model.lm.freeze=train_from_scratch"])
+    assert ensure_pretrained(scratch, progress=False) == {}  # no pretrained LM: its own world's tokenizer
+    assert scratch.model.lm.tokenizer == f"{flamingo}/tokenizer"

@@ -386,6 +386,37 @@ def test_the_sweep_checks_its_default_data_root_and_trains_on_a_named_one_as_it_
     assert ensure_world(load_sweep(SWEEP, ["scale=smoke", f"data.root={named}"]), {}) == named
 
 
+def test_the_sweep_writes_and_checks_the_pretraining_stages_world_too(tmp_path, monkeypatch):
+    """Where a scale gives the stages a world of their own (pretrain.data_root; the embedded scale's
+    data/embedded), the sweep writes it from pretrain_worlds when missing and refuses one written otherwise."""
+    from dataclasses import asdict
+
+    import flamingo_lab.sweep as sweep_mod
+    from flamingo_lab.data.world import WORLD_FORMAT
+    from flamingo_lab.make_data import compose_world
+    from flamingo_lab.sweep import ensure_world
+
+    monkeypatch.chdir(tmp_path)  # the embedded scale's worlds, data/embedded_flamingo and data/embedded, are relative
+    written = []
+    monkeypatch.setattr(sweep_mod.subprocess, "run", lambda command, **kw: written.append(command[1:]))
+    _write_manifest(tmp_path / "data" / "embedded_flamingo", format=WORLD_FORMAT,
+                    config=asdict(compose_world("embedded_flamingo")))
+    with pytest.raises(FileNotFoundError, match=r"no world at pretrain.data_root=data/embedded .*pretrain_worlds.embedded"):
+        ensure_world(load_sweep(SWEEP, ["pretrain_worlds.embedded=null"]), {})
+    assert ensure_world(load_sweep(SWEEP, []), {}) == Path("data/embedded_flamingo")
+    assert written == [["world=embedded", "out_dir=data/embedded"]]
+    world = asdict(compose_world("embedded"))
+    _write_manifest(tmp_path / "data" / "embedded", format=WORLD_FORMAT, config=world)
+    assert ensure_world(load_sweep(SWEEP, []), {}) == Path("data/embedded_flamingo")  # its own world: accepted
+    _write_manifest(tmp_path / "data" / "embedded", format=WORLD_FORMAT, config={**world, "seed": world["seed"] + 1})
+    with pytest.raises(ValueError, match=r"pretrain.data_root=data/embedded holds a world written with other "
+                                         r"settings than the sweep's world 'embedded'.*pretrain_worlds.embedded=null"):
+        ensure_world(load_sweep(SWEEP, []), {})
+    assert ensure_world(load_sweep(SWEEP, ["pretrain_worlds.embedded=null"]), {}) == Path("data/embedded_flamingo")
+    assert ensure_world(load_sweep(SWEEP, ["pretrain.data_root=data/embedded"]), {})  # named: as it is
+    assert len(written) == 1
+
+
 def test_failure_is_recorded_then_raised_or_caught(small_cfg, tmp_path, monkeypatch):
     def boom(cfg, run_dir):
         raise RuntimeError("boom inside training")

@@ -370,6 +370,45 @@ def test_the_round_robin_step_enters_the_config_key_only_for_round_robin():
         updates_per_step({**compose(rr).data, "round_robin_step": "epoch"})
 
 
+def test_the_pretraining_world_enters_the_config_key_only_where_it_is_set(tmp_path):
+    """Runs made before pretrain.data_root and data.video_weight / video_batch_ratio existed keep their keys at
+    the values that computed what they computed; a run whose stages learn from a world of their own is keyed by
+    that world's identity too, so rewriting it with other settings trains the run again."""
+    import json
+    from dataclasses import asdict
+
+    from omegaconf import open_dict
+
+    from flamingo_lab.data.world import WORLD_FORMAT
+    from flamingo_lab.make_data import compose_world
+    from flamingo_lab.training.run import config_key
+
+    base = ["scale=tiny", "data.root=/nonexistent"]
+    now = compose(base)
+    before = compose(base)  # the config as written before the three settings existed
+    with open_dict(before):
+        before.data.sources.vtp.weight, before.data.sources.vtp.batch_ratio = 0.03, 0.25
+        before.pretrain.cache_dir = "${data.root}/cache"
+        del before.pretrain.data_root, before.data.video_weight, before.data.video_batch_ratio
+    assert config_key(before) == config_key(now)
+    assert config_key(compose([*base, "data.video_weight=0.2"])) != config_key(now)
+
+    world = asdict(compose_world("tiny"))
+    pre = tmp_path / "pre"
+    pre.mkdir()
+
+    def write(config, elapsed):
+        (pre / "world.json").write_text(json.dumps({"format": WORLD_FORMAT, "config": config, "elapsed_s": elapsed}))
+
+    write(world, 1.0)
+    keyed = config_key(compose([*base, f"pretrain.data_root={pre}"]))
+    assert keyed != config_key(now)
+    write(world, 2.0)  # the same world written again
+    assert config_key(compose([*base, f"pretrain.data_root={pre}"])) == keyed
+    write({**world, "seed": world["seed"] + 1}, 1.0)  # rewritten with other settings: other stages
+    assert config_key(compose([*base, f"pretrain.data_root={pre}"])) != keyed
+
+
 def test_resume_refuses_another_config_and_keeps_the_results(tiny_world_dir, tmp_path):
     """The optimiser and schedule come from the checkpoint, so a resume with another optim.lr (or model, data,
     seed) trained neither config, silently. It is refused, naming the setting, and the folder's complete

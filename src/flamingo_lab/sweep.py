@@ -161,10 +161,11 @@ def _job_overrides(spec: DictConfig) -> list[str]:
     return [f"scale={spec.scale}", *extra]
 
 
-def check_world(root: Path, world: str, scale: str = "embedded") -> None:
+def check_world(root: Path, world: str, scale: str = "embedded", key: str = "data.root",
+                worlds: str = "worlds") -> None:
     """Raise if ``root`` holds a world written with other settings than ``conf/world/<world>.yaml`` (the
     sweep would train on data it does not name), or a world.json it cannot read. Imported data (a manifest
-    without a world config) passes."""
+    without a world config) passes. ``key`` and ``worlds`` name the setting and the sweep's map in messages."""
     import json
     from dataclasses import asdict
 
@@ -173,7 +174,7 @@ def check_world(root: Path, world: str, scale: str = "embedded") -> None:
 
     path = root / "world.json"
     rewrite = f"`flamingo-data world={world} out_dir={root}`"
-    as_is = f"or train on it as it is with `worlds.{scale}=null` (or by naming it: data.root={root})"
+    as_is = f"or train on it as it is with `{worlds}.{scale}=null` (or by naming it: {key}={root})"
     try:
         manifest = json.loads(path.read_text())
     except ValueError as error:
@@ -185,7 +186,7 @@ def check_world(root: Path, world: str, scale: str = "embedded") -> None:
     have = existing_config(root)
     if have is None:
         raise ValueError(
-            f"data.root={root} holds a world this version cannot read (format {manifest.get('format')!r}): "
+            f"{key}={root} holds a world this version cannot read (format {manifest.get('format')!r}): "
             f"rewrite it with {rewrite}"
         )
     want = asdict(compose_world(world))
@@ -195,32 +196,41 @@ def check_world(root: Path, world: str, scale: str = "embedded") -> None:
         shown = "; ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} in the config" for k in differ[:4])
         more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
         raise ValueError(
-            f"data.root={root} holds a world written with other settings than the sweep's world {world!r} "
+            f"{key}={root} holds a world written with other settings than the sweep's world {world!r} "
             f"(conf/world/{world}.yaml): {shown}{more}. Rewrite it with {rewrite} (the runs made on the old "
             f"world then train again), {as_is}"
         )
 
 
-def ensure_world(spec: DictConfig, env: dict) -> Path:
-    """The runs' data.root; writes it with flamingo-data (``worlds[scale]``) when it has no world.json, and
-    refuses (:func:`check_world`) one written with other settings than ``worlds[scale]``, unless the sweep
-    was given ``data.root=`` by name."""
-    from flamingo_lab.config import compose
-
-    root = Path(compose(_job_overrides(spec)).data.root)
-    world = (spec.get("worlds") or {}).get(str(spec.scale))
-    named = any(str(o).lstrip("+").startswith("data.root=") for o in spec.overrides)
+def _ensure_one(spec: DictConfig, env: dict, root: Path, key: str, worlds: str) -> Path:
+    world = (spec.get(worlds) or {}).get(str(spec.scale))
+    named = any(str(o).lstrip("+").startswith(f"{key}=") for o in spec.overrides)
     if (root / "world.json").is_file():
-        if world is not None and not named:  # a data.root given by name is trained on as it is
-            check_world(root, str(world), str(spec.scale))
+        if world is not None and not named:  # a folder given by name is trained on as it is
+            check_world(root, str(world), str(spec.scale), key, worlds)
         return root
     if world is None:
         raise FileNotFoundError(
-            f"no world at data.root={root} (world.json missing) and the sweep names none to write for "
-            f"scale={spec.scale}: give data.root=<a world or imported data>, or add worlds.{spec.scale}"
+            f"no world at {key}={root} (world.json missing) and the sweep names none to write for "
+            f"scale={spec.scale}: give {key}=<a world or imported data>, or add {worlds}.{spec.scale}"
         )
     print(f"[flamingo-sweep] writing the {world!r} world at {root}", flush=True)
     subprocess.run([str(BIN / "flamingo-data"), f"world={world}", f"out_dir={root}"], env=env, check=True)
+    return root
+
+
+def ensure_world(spec: DictConfig, env: dict) -> Path:
+    """The runs' data.root; writes it with flamingo-data (``worlds[scale]``) when it has no world.json, and
+    refuses (:func:`check_world`) one written with other settings than ``worlds[scale]``, unless the sweep
+    was given ``data.root=`` by name. The same for the pretraining stages' world, ``pretrain.data_root``
+    (``pretrain_worlds[scale]``), where the scale gives them one of their own."""
+    from flamingo_lab.config import compose
+
+    cfg = compose(_job_overrides(spec))
+    root = _ensure_one(spec, env, Path(cfg.data.root), "data.root", "worlds")
+    pretrain_root = cfg.pretrain.get("data_root") if "pretrain" in cfg else None
+    if pretrain_root and Path(pretrain_root).resolve() != root.resolve():
+        _ensure_one(spec, env, Path(pretrain_root), "pretrain.data_root", "pretrain_worlds")
     return root
 
 

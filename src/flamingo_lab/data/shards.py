@@ -107,6 +107,8 @@ def load_world(root: str | Path) -> dict:
     root = Path(root).resolve()
     path = root / "world.json"
     if not path.is_file():
+        conf = Path(__file__).resolve().parents[3] / "conf" / "world" / f"{root.name}.yaml"
+        world = f"world={root.name} " if conf.is_file() else ""  # data/<name>: conf/world/<name>.yaml's world
         raise FileNotFoundError(
             f"no world.json at {root} (a half-written embedded world has none either). To train on your own "
             f"WebDataset shards, write {path} yourself: {REAL_SHARDS_MANIFEST} (shard paths relative to {root}; "
@@ -114,7 +116,7 @@ def load_world(root: str | Path) -> dict:
             "and leave out format), and give real weights with model.lm.path and model.vision.checkpoint "
             "(or pretrain.lm.enabled=false pretrain.vision.enabled=false): the pretraining stages need the "
             f"synthetic world's corpus. To write the synthetic embedded world there instead, "
-            f"run `flamingo-data out_dir={root}`"
+            f"run `flamingo-data {world}out_dir={root}`"
         )
     world = json.loads(path.read_text())
     fmt = str(world.get("format", ""))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import shutil
 import time
@@ -69,10 +70,20 @@ def ensure_stage(stage: str, key_cfg: dict, world: dict, cache_root: str | Path,
         return folder, report, True
 
 
+def _lm_needed(cfg: DictConfig) -> bool:
+    """Not for a given LM, or one that is re-initialised anyway."""
+    lm = cfg.model.lm
+    return lm.path is None and lm.freeze != "train_from_scratch" and bool(cfg.pretrain.lm.enabled)
+
+
+def _vision_needed(cfg: DictConfig) -> bool:
+    return cfg.model.vision.checkpoint is None and bool(cfg.pretrain.vision.enabled)
+
+
 def _lm_stage(cfg: DictConfig, world: dict, progress: bool) -> dict[str, Any] | None:
     lm = cfg.model.lm
-    if lm.path is not None or lm.freeze == "train_from_scratch" or not cfg.pretrain.lm.enabled:
-        return None  # a given LM, or one that is re-initialised anyway
+    if not _lm_needed(cfg):
+        return None
     from .lm import pretrain_lm
 
     arch = OmegaConf.to_container(lm.arch, resolve=True)
@@ -90,7 +101,7 @@ def _lm_stage(cfg: DictConfig, world: dict, progress: bool) -> dict[str, Any] | 
 
 def _vision_stage(cfg: DictConfig, world: dict, progress: bool) -> dict[str, Any] | None:
     vision = cfg.model.vision
-    if vision.checkpoint is not None or not cfg.pretrain.vision.enabled:
+    if not _vision_needed(cfg):
         return None
     from .vision import pretrain_vision
 
@@ -118,6 +129,31 @@ def _summary(report: dict) -> dict:
     return out
 
 
+def _vocabulary(world: dict) -> set[str] | None:
+    folder = world.get("tokenizer")
+    if not folder:
+        return None  # imported data or real shards: no tokenizer of their own
+    path = Path(world["root"]) / folder / "tokenizer.json"
+    return set(json.loads(path.read_text())["model"]["vocab"])
+
+
+def check_vocabulary(pretrain_world: dict, data_world: dict) -> None:
+    """Raise if the training world writes words the stages' world's tokenizer lacks (they would all read as
+    ``[UNK]``): the stages learn from ``pretrain.data_root`` and the Flamingo reads ``data.root`` with their tokenizer."""
+    have, need = _vocabulary(pretrain_world), _vocabulary(data_world)
+    if have is None or need is None:
+        return
+    missing = sorted(need - have)
+    if missing:
+        shown = ", ".join(repr(w) for w in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ValueError(
+            f"the world at data.root={data_world['root']} writes {len(missing)} word(s) that the tokenizer of the "
+            f"pretraining world at pretrain.data_root={pretrain_world['root']} does not know ({shown}): the "
+            f"pretrained LM would read them as [UNK]. Pretrain on a world with these words (pretrain.data_root=), "
+            f"or train on a world written with the same vocabulary"
+        )
+
+
 def ensure_pretrained(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
     """Build or reuse the LM and vision stages ``cfg`` needs; point ``cfg.model`` at their weights.
 
@@ -127,7 +163,12 @@ def ensure_pretrained(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
         return {}
     from flamingo_lab.data.shards import load_world
 
-    world = load_world(cfg.data.root)
+    if not (_lm_needed(cfg) or _vision_needed(cfg)):
+        return {}
+    root = cfg.pretrain.get("data_root") or cfg.data.root  # the stages' world: null is the Flamingo's own
+    world = load_world(root)
+    if _lm_needed(cfg) and Path(root).resolve() != Path(cfg.data.root).resolve():
+        check_vocabulary(world, load_world(cfg.data.root))  # the Flamingo reads data.root with the LM's tokenizer
     out = {}
     for name, stage in (("lm", _lm_stage), ("vision", _vision_stage)):
         summary = stage(cfg, world, progress)

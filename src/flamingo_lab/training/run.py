@@ -315,7 +315,8 @@ KEY_IGNORED = ("force", "resume", "logger")
 #: exist then): left out of the config key at that value, so a complete run made before the setting existed
 #: still counts (as world.BACKWARD_DEFAULTS does for the world).
 KEY_BACKWARD_DEFAULTS = {"model.resampler.spatial_emb": False, "model.vision.cache_mib": 0,
-                         "data.round_robin_step": "update"}
+                         "data.round_robin_step": "update", "pretrain.data_root": None,
+                         "data.video_weight": 0.03, "data.video_batch_ratio": 0.25}
 
 
 def data_fingerprint(root: str | Path) -> str | None:
@@ -353,6 +354,9 @@ def config_key(cfg: DictConfig) -> str:
         container.pop(key, None)
     root = (container.get("data") or {}).get("root")
     container["data_fingerprint"] = data_fingerprint(root) if root else None
+    pretrain_root = (container.get("pretrain") or {}).get("data_root")
+    if pretrain_root:  # the stages' own world (absent otherwise: runs made before the setting keep their keys)
+        container["pretrain_data_fingerprint"] = data_fingerprint(pretrain_root)
     data = container.get("data")
     if isinstance(data, dict):
         if data.get("optimisation", "accumulate") == "round_robin":
