@@ -110,6 +110,36 @@ def test_img2dataset_mmc4_and_video_shards_read(tmp_path, tok):
     assert reds[0] < reds[1] < reds[2] and not imgs[1].any()
 
 
+def test_a_page_of_clips_gives_each_image_slot_its_clips_frames(tmp_path, tok):
+    """A document whose image_info entries name their frames (frame_names: the embedded world's video pages,
+    world.vtp_clips) gives per <image> a clip, sampled like a clip of its own; a bad entry is skipped and counted."""
+    def page(key, info):
+        return {"__key__": key, "json": {"text_list": ["a square turns red.", "a circle moves up."], "image_info": info},
+                **{f"c{c}f{f}.jpg": _jpg((40 * f, 100 * c, 0)) for c in range(2) for f in range(6)}}
+
+    clips = [{"matched_text_index": c, "frame_names": [f"c{c}f{f}.jpg" for f in range(6)]} for c in range(2)]
+    shard = _write(tmp_path / "pages.tar", [
+        page("good", clips),
+        page("not_a_list", [{"matched_text_index": 0, "frame_names": "c0f0.jpg"}]),
+        page("missing_frame", [{"matched_text_index": 0, "frame_names": ["c0f0.jpg", "c9f9.jpg"]}]),
+    ])
+    vs = make_source_stream([shard], tok, source="vtp", train=False, frames=3, frame_stride=2, seq_len=32,
+                            max_images=2, image_size=32)
+    out = list(vs)
+    assert [x["__key__"] for x in out] == ["good"]
+    assert dict(vs.skipped.by_reason) == {"bad_json": 1, "bad_layout": 1}
+    imgs = out[0]["images"]  # (T_img, F, C, H, W): per clip its frames 0, 2, 4
+    assert imgs.shape == (2, 3, 3, 32, 32) and int(out[0]["n_images"]) == 2
+    for c in range(2):
+        reds, greens = imgs[c, :, 0].mean(dim=(1, 2)), imgs[c, :, 1].mean(dim=(1, 2))
+        assert reds[0] < reds[1] < reds[2]  # in frame order
+        assert torch.allclose(greens, greens[0].expand(3), atol=0.02)
+    assert imgs[1, :, 1].mean() > imgs[0, :, 1].mean() + 0.5  # each slot holds its own clip
+    ids = out[0]["input_ids"].tolist()
+    media, eoc = tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<|endofchunk|>")
+    assert ids.count(media) == 2 and ids.count(eoc) == 2 and ids.index(media) < ids.index(eoc) < ids.index(media, ids.index(media) + 1)
+
+
 def test_every_bad_sample_is_skipped_and_counted_by_reason(tmp_path, tok):
     good = {"jpg": _jpg(), "txt": "a red square."}
     many = {"text_list": [f"sentence {i}." for i in range(20)],

@@ -330,6 +330,35 @@ def test_vtp_moves_sets_the_share_of_moving_clips_in_training_only():
         _cfg(vtp_moves=1.5)
 
 
+def test_vtp_clips_writes_video_pages_whose_clips_read_as_a_few_shot_prompt_reads():
+    """world.vtp_clips=N: each video sample is a page of N clips, each before its own caption or question
+    (the prompt format a k-shot video prompt uses); at 1 the pairs are written exactly as before the key."""
+    from flamingo_lab.data.shards import sample_text_and_images
+
+    pairs, pages = _cfg(vtp_moves=0.6), _cfg(vtp_moves=0.6, vtp_clips=3)
+    assert make_video_pair(_cfg(vtp_moves=0.6, vtp_clips=1), "train", 5) == make_video_pair(pairs, "train", 5)
+    kinds = Counter()
+    for i in range(100):
+        page = make_video_pair(pages, "train", i)
+        meta = page["json"]
+        assert "txt" not in page and len(meta["text_list"]) == len(meta["image_info"]) == 3
+        decoded = {k: Image.open(io.BytesIO(v)).convert("RGB") if k.endswith(".png") else v for k, v in page.items()}
+        text, clips = sample_text_and_images(decoded)
+        assert text.count("<image>") == text.count("<|endofchunk|>") == 3 and text.startswith("<image>")
+        assert [len(c) for c in clips] == [pages.frames] * 3
+        for c, (info, sentence, frames) in enumerate(zip(meta["image_info"], meta["text_list"], clips)):
+            assert info["matched_text_index"] == c and f"<image>{sentence}<|endofchunk|>" in text
+            kinds[info["text_kind"]] += 1
+            event, detail = info["scene"]["event"], info["scene"]["detail"]
+            if info["text_kind"] == "qa" and event == "moves":
+                assert sentence.startswith("Question: which way does") and sentence.endswith(f"Answer: {detail}")
+            assert frames[0].tobytes() != frames[-1].tobytes()  # every event changes the picture
+    assert 0.15 < kinds["qa"] / sum(kinds.values()) < 0.35  # vtp_qa of the clips, as in pairs
+    assert kinds["qa"] + kinds["caption"] == 300
+    with pytest.raises(ValueError, match="vtp_clips"):
+        _cfg(vtp_clips=0)
+
+
 def test_game_pages_give_labels_only_in_context():
     cfg = _cfg()
     games = [d for d in (make_doc_sample(cfg, "train", i)["json"] for i in range(300)) if d["page_kind"] == "game"]

@@ -8,6 +8,8 @@ Three layouts, told apart by content (so real shards work as well as the embedde
   ``image_name``) and the images as members (``0.png``, ``1.jpg``, ... or MMC4's ``image_base64``
   inside ``image_info``); each image's ``<image>`` stands before its matched sentence and
   ``<|endofchunk|>`` closes the text that belongs to an image (before the next image, and at the end).
+  An ``image_info`` entry with ``frame_names`` (a list of members) in place of ``image_name`` is a clip
+  (a page of videos: the embedded world's ``vtp_clips``).
 - video (VTP / WebVid-style): frames ``0.png`` .. or ``0.jpg`` .. and a ``txt`` caption; one
   ``<image>`` for the clip, ``frames`` frames taken every ``frame_stride``-th. Encoded video files
   (``mp4``, ``webm``, ...) are not decoded: such a sample is skipped as ``unsupported_video``.
@@ -234,6 +236,18 @@ def _doc_image(sample: dict, info: dict) -> Image.Image:
     raise SkipSample("bad_layout", f"image {name!r} named in image_info is not in the sample")
 
 
+def _doc_media(sample: dict, info: dict) -> list[Image.Image]:
+    """An ``image_info`` entry's frames: its ``frame_names`` (a clip), or its one image."""
+    if not isinstance(info, dict):
+        raise SkipSample("bad_json", "an image_info entry is not an object")
+    names = info.get("frame_names")
+    if names is None:
+        return [_doc_image(sample, info)]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise SkipSample("bad_json", f"frame_names must be a non-empty list of member names; got {names!r}")
+    return [_doc_image(sample, {"image_name": n}) for n in names]
+
+
 def sample_text_and_images(sample: dict) -> tuple[str, list[list[Image.Image]]]:
     """The text with ``<image>``/``<|endofchunk|>`` marks, and per ``<image>`` its frames (one for a still)."""
     meta = sample.get("json")
@@ -255,7 +269,7 @@ def sample_text_and_images(sample: dict) -> tuple[str, list[list[Image.Image]]]:
             if not 0 <= i < len(text_list):
                 raise SkipSample("bad_layout", f"matched_text_index {i} outside text_list of {len(text_list)}")
             before[i] = before.get(i, 0) + 1
-            images.append([_doc_image(sample, info)])
+            images.append(_doc_media(sample, info))
         text = ""
         for i, sentence in enumerate(text_list):
             for _ in range(before.get(i, 0)):

@@ -17,7 +17,8 @@ Training sources (WebDataset shards, ``{split}/{source}-{shard:06d}.tar``):
 - ``ltip`` (clean, descriptive captions), ``align`` (noisier alt-text, more numerous) and
   ``laion`` (a share of vague or wrong captions): image-text pairs (``png``/``txt``/``json``).
 - ``vtp``: video-text pairs (``0.png`` .. ``{F-1}.png`` frames, ``txt``, ``json``): an object
-  moves, appears, disappears or changes colour.
+  moves, appears, disappears or changes colour. With ``vtp_clips`` N > 1, video pages instead: N clips in
+  the MMC4 layout, each ``image_info`` entry naming its clip's frames (``frame_names``: ``c0f0.png`` ..).
 
 Evaluation tasks (``tasks/{task}/{support|test}-{shard:06d}.tar``, format in ``make_task_sample``):
 ``coco`` (captioning), ``okvqa`` (needs a fact stated only in the text corpus), ``vqav2`` (ten
@@ -61,7 +62,7 @@ WORLD_FORMAT = "flamingo-lab-world/6"
 #: same world as before it existed: a world.json without one reads as that value (load_world), and at that
 #: value it is no part of a world's identity (pretrain.cache.world_fingerprint), so cached stages stay valid.
 BACKWARD_DEFAULTS = {"game_bare": 0.0, "game_words": 0.0, "game_cues": 0.0, "vtp_moves": 0.25,
-                     "position_words": "row_first"}
+                     "position_words": "row_first", "vtp_clips": 1}
 #: How a world is written, not what it holds: the shards' bytes do not depend on these (tests/test_world.py).
 #: A world's identity takes each at this value, so a world written by 1 or 8 processes is the same world (its
 #: stages and runs stay valid, flamingo-data does not rewrite it, the sweep accepts it).
@@ -225,6 +226,11 @@ class WorldConfig:
     # share of video-text pairs whose clip shows a move (the rest: appears, disappears or turns, evenly);
     # 0.25 weighs the four events alike, as the msvdqa / vatex tasks do
     vtp_moves: float = 0.25
+    # clips per video-text sample: 1 writes pairs (one clip, one text: the paper's VTP); N > 1 writes short video
+    # pages of N clips, each with its own caption or question (MMC4 layout, a clip's frames per image entry), so
+    # that a clip's question is also learned after other clips' texts, where a few-shot prompt asks it
+    # (README, video direction). n_train_vtp / n_val_vtp count samples: N times as many clips.
+    vtp_clips: int = 1
     # text corpus paragraph kinds -> weight: facts and descriptions; described scenes with questions
     # (knowledge questions too: the text form of okvqa); the colour-renaming game in words; clips with questions
     # The game dominates: the frozen LM must learn to bind each fresh word to its colour from context (the
@@ -300,6 +306,8 @@ class WorldConfig:
             raise ValueError(f"world.image_size must be >= 8 pixels; got {self.image_size}")
         if self.supersample < 1:
             raise ValueError(f"world.supersample must be >= 1 (1 draws at image_size); got {self.supersample}")
+        if not 1 <= self.vtp_clips <= len(ORDINALS):
+            raise ValueError(f"world.vtp_clips must be in [1, {len(ORDINALS)}] (1: video-text pairs); got {self.vtp_clips}")
         if not 2 <= self.frames <= 8:
             raise ValueError(f"world.frames must be in [2, 8] (resampler.max_frames is 8); got {self.frames}")
         for k, v in asdict(self).items():
@@ -841,23 +849,43 @@ def make_pair(cfg: WorldConfig, split: str, index: int, source: str = "ltip") ->
     }
 
 
-def make_video_pair(cfg: WorldConfig, split: str, index: int) -> dict:
-    rng = _rng(cfg, split, "vtp", index)
+def _video_clip_and_text(rng: random.Random, cfg: WorldConfig) -> tuple[Clip, str, str]:
+    """One clip and its text (a caption, or a question and its answer), and the text's kind."""
     if cfg.vtp_moves == BACKWARD_DEFAULTS["vtp_moves"]:
         clip = sample_clip(rng, cfg)  # the four events alike, drawn as before vtp_moves existed (same shards)
     else:
         event = "moves" if rng.random() < cfg.vtp_moves else rng.choice([e for e in EVENTS if e != "moves"])
         clip = sample_clip(rng, cfg, event=event)
-    sample = {"__key__": f"{split}-vtp-{index:07d}"}
-    for f, img in enumerate(render_clip(clip, cfg)):
-        sample[f"{f}.png"] = png_bytes(img)
     variant = rng.randrange(4)
     if rng.random() < cfg.vtp_qa:  # a clip with a question and its answer (a web video's Q&A text)
         _, q, a = clip_question(rng, clip)
-        sample["txt"], kind = VQA_FORMAT.format(question=q, answer=a), "qa"
-    else:
-        sample["txt"], kind = clip_caption(clip, variant), "caption"
-    sample["json"] = {"scene": clip.meta(), "frames": cfg.frames, "split": split, "index": index, "text_kind": kind}
+        return clip, VQA_FORMAT.format(question=q, answer=a), "qa"
+    return clip, clip_caption(clip, variant), "caption"
+
+
+def make_video_pair(cfg: WorldConfig, split: str, index: int) -> dict:
+    """A video-text pair (frames ``0.png`` .., ``txt``), or with ``vtp_clips`` > 1 a video page: per clip ``c``
+    its frames ``c{c}f{f}.png`` named by an ``image_info`` entry's ``frame_names`` before its text."""
+    rng = _rng(cfg, split, "vtp", index)
+    sample = {"__key__": f"{split}-vtp-{index:07d}"}
+    if cfg.vtp_clips == 1:
+        clip, text, kind = _video_clip_and_text(rng, cfg)
+        for f, img in enumerate(render_clip(clip, cfg)):
+            sample[f"{f}.png"] = png_bytes(img)
+        sample["txt"] = text
+        sample["json"] = {"scene": clip.meta(), "frames": cfg.frames, "split": split, "index": index,
+                          "text_kind": kind}
+        return sample
+    text_list, image_info = [], []
+    for c in range(cfg.vtp_clips):
+        clip, text, kind = _video_clip_and_text(rng, cfg)
+        names = [f"c{c}f{f}.png" for f in range(cfg.frames)]
+        for name, img in zip(names, render_clip(clip, cfg)):
+            sample[name] = png_bytes(img)
+        image_info.append({"matched_text_index": c, "frame_names": names, "scene": clip.meta(), "text_kind": kind})
+        text_list.append(text)
+    sample["json"] = {"text_list": text_list, "image_info": image_info, "frames": cfg.frames, "split": split,
+                      "index": index}
     return sample
 
 
