@@ -483,3 +483,32 @@ def test_validation_keeps_of_each_source_the_batches_every_rank_has():
     got = [(b["source"][0], b["i"]) for b in together]
     assert calls == [True, True, True, True, False, True] and next(other, None) is None
     assert got == [("a", 0), ("b", 0), ("a", 1)]
+
+
+def test_a_world_of_video_pages_needs_an_image_slot_per_clip(tiny_world_dir, tmp_path):
+    """world.vtp_clips=2 writes pages of two clips; with the pairs' one image slot (data.sources.vtp.max_images=1)
+    every page would be cut to its first clip without a word. The run stops before training, naming the settings
+    that read the pages whole; with them the video batch holds both clips of every page."""
+    from omegaconf import OmegaConf
+
+    from flamingo_lab.config import compose
+    from flamingo_lab.data.world import write_world
+    from flamingo_lab.make_data import compose_world
+    from flamingo_lab.training.datamodule import FlamingoDataModule
+
+    root = tmp_path / "pages"
+    write_world(compose_world("tiny", ["world.vtp_clips=2"]), root, progress=False)
+
+    def datamodule(*extra):
+        cfg = compose(["scale=tiny", f"data.root={root}", f"model.lm.tokenizer={tiny_world_dir / 'tokenizer'}",
+                       "~data.sources.m3w", "~data.sources.align", "~data.sources.ltip", "data.batch_size=2",
+                       "data.num_workers=0", *extra])
+        dm = FlamingoDataModule(OmegaConf.to_container(cfg, resolve=True))
+        dm.setup()
+        return dm
+
+    with pytest.raises(ValueError, match=r"2 clips.*data\.sources\.vtp\.max_images=2.*data\.sources\.vtp\.seq_len"):
+        datamodule("data.sources.vtp.max_images=1")
+    dm = datamodule("data.sources.vtp.max_images=2", "data.sources.vtp.seq_len=48")
+    batch = next(iter(dm.train_loaders()["vtp"]))
+    assert batch["images"].shape[1] == 2 and (batch["n_images"] == 2).all()

@@ -221,7 +221,25 @@ class FlamingoDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.world is None:
             self.world = load_world(self.data["root"])
+            self._check_video_pages()
             self.tokenizer = load_tokenizer(self.cfg["model"]["lm"])
+
+    def _check_video_pages(self) -> None:
+        """An embedded world of video pages (``world.vtp_clips`` N > 1) needs N image slots in the video source:
+        the reader cuts a document before its first image without a slot, so each page would train as its first
+        clip alone, without a word."""
+        clips = int((self.world.get("config") or {}).get("vtp_clips", 1))
+        spec = self.specs.get("vtp")
+        if spec is None or clips <= int(spec["max_images"]):
+            return
+        raise ValueError(
+            f"the world at {self.data['root']} writes video pages of {clips} clips (world.vtp_clips={clips}), but "
+            f"data.sources.vtp.max_images={spec['max_images']} gives a sample {spec['max_images']} image slot(s), so "
+            f"every page would be cut to its first clip(s). Set data.sources.vtp.max_images={clips} and "
+            f"data.sources.vtp.seq_len={clips * int(spec['seq_len'])} (the pairs' length per clip; and "
+            f"data.sources.vtp.batch_ratio / {clips} for the same clips a step), or write the world with "
+            f"world.vtp_clips=1"
+        )
 
     def _shards(self, split: str) -> dict[str, list[str]]:
         available = self.world.get("shards", {}).get(split, {})
